@@ -1,0 +1,32 @@
+# The two README commands: `make demo` and `make test`. Both set everything up by themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SENET := $(VENV)/bin/senet
+# CPU wheel by default (found on local disk here). GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+DEMO := demo
+
+.PHONY: install test demo slurm-up slurm-down clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(SENET) make-synthetic $(DEMO)/data --classes 10 --train-per-class 120 --val-per-class 30 --test 100 --imbalance 4 --corrupt 5 --seed 0
+	# check-data exits 1 because the demo plants undecodable files on purpose; they go to the exclusion list.
+	$(SENET) check-data $(DEMO)/data --exclude-out $(DEMO)/exclude.txt --json $(DEMO)/check.json || test $$? -eq 1
+	@echo "demo results are in $(DEMO)/"
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -1,0 +1,4 @@
+"""`python -m training` is the `senet` command."""
+from training.cli import main
+
+raise SystemExit(main())
