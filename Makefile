@@ -28,5 +28,11 @@ demo: install
 	$(SENET) check-data $(DEMO)/data --exclude-out $(DEMO)/exclude.txt --json $(DEMO)/check.json || test $$? -eq 1
 	@echo "demo results are in $(DEMO)/"
 
+slurm-up:
+	slurm/cluster/up.sh
+
+slurm-down:
+	slurm/cluster/down.sh
+
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -1,0 +1,33 @@
+# Shared by up.sh and down.sh: where the local cluster lives and which ports it uses.
+# Everything is under one folder of the checkout, so `down.sh` can remove it all at once.
+# Two checkouts can run side by side if they use different SENET_SLURM_PORT_BASE values.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+LOCAL=${SENET_SLURM_DIR:-$ROOT/.slurm-local}
+PORT_BASE=${SENET_SLURM_PORT_BASE:-16817}
+case $PORT_BASE in
+    ''|*[!0-9]*) echo "SENET_SLURM_PORT_BASE=$PORT_BASE is not a number; use e.g. 16817" >&2; exit 2 ;;
+esac
+if (( PORT_BASE < 1024 || PORT_BASE > 65530 )); then
+    echo "SENET_SLURM_PORT_BASE=$PORT_BASE is out of range; use 1024..65530 (it needs 5 ports)" >&2
+    exit 2
+fi
+
+CTLD_PORT=$PORT_BASE           # slurmctld
+NODE1_PORT=$((PORT_BASE + 1))  # slurmd -N node1
+NODE2_PORT=$((PORT_BASE + 2))  # slurmd -N node2
+DBD_PORT=$((PORT_BASE + 3))    # slurmdbd
+DB_PORT=$((PORT_BASE + 4))     # mariadbd
+CLUSTER=senet$PORT_BASE        # accounting keys its tables by cluster name
+NODES=(node1 node2)
+
+RUN=$LOCAL/run  # pid files
+LOG=$LOCAL/log
+SLURM_CONF_FILE=$LOCAL/etc/slurm.conf
+MUNGE_MARK=$LOCAL/run/munged.ours  # present only when up.sh started munged
+
+# pid_alive FILE: the pid in FILE names a running process.
+pid_alive() {
+    local pid
+    [[ -s $1 ]] && pid=$(<"$1") && [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
