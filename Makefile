@@ -25,7 +25,7 @@ demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(SENET) make-synthetic $(DEMO)/data --classes 10 --train-per-class 120 --val-per-class 30 --test 100 --imbalance 4 --corrupt 5 --seed 0
 	# check-data exits 1 because the demo plants undecodable files on purpose; they go to the exclusion list.
-	$(SENET) check-data $(DEMO)/data --exclude-out $(DEMO)/exclude.txt --json $(DEMO)/check.json || test $$? -eq 1
+	$(SENET) check-data $(DEMO)/data --cache-dir $(DEMO)/cache --exclude-out $(DEMO)/exclude.txt --json $(DEMO)/check.json || test $$? -eq 1
 	@echo "demo results are in $(DEMO)/"
 
 slurm-up:
