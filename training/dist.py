@@ -1,0 +1,141 @@
+"""Distributed facts in one frozen object, and torch.distributed set up and torn down around a run.
+
+`DistInfo` is read once from the environment that launched this process: torchrun and `senet train
+--nproc` (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or a Slurm task
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; submitit's `TorchDistributedEnvironment().export()` sets
+the torchrun names too). Nothing here knows about Slurm beyond those variable names.
+
+A rank that dies must not hang the others forever: every collective has a timeout
+(`train.dist_timeout_s`), after which it raises instead of waiting (gloo raises on its own; NCCL needs
+its asynchronous error handling, which torch enables by default and which we set explicitly).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    local_rank: int = 0  # device index for torch *and* DALI
+    world_size: int = 1
+    local_world_size: int = 1  # processes on this node (sets each rank's CPU share)
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside 0..{self.world_size - 1} (world size {self.world_size})")
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise ValueError(f"local rank {self.local_rank} is outside 0..{self.local_world_size - 1}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> DistInfo:
+        """Read torchrun-style variables, else Slurm task variables, else a single process.
+
+        Raises:
+            ValueError: a variable that is not an integer, or an inconsistent rank.
+        """
+        env = dict(os.environ if env is None else env)
+
+        def first(*names: str, default: str) -> str:
+            return next((env[n] for n in names if env.get(n, "") != ""), default)
+
+        def integer(*names: str, default: int) -> int:
+            text = first(*names, default=str(default))
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"environment variable {names[0]}={text!r} is not an integer") from None
+
+        world = integer("WORLD_SIZE", "SLURM_NTASKS", default=1)
+        local_world = integer("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
+        return cls(rank=integer("RANK", "SLURM_PROCID", default=0), local_rank=integer("LOCAL_RANK", "SLURM_LOCALID", default=0),
+                   world_size=world, local_world_size=min(local_world, world),
+                   master_addr=first("MASTER_ADDR", default="127.0.0.1"), master_port=integer("MASTER_PORT", default=29500))
+
+    def env(self) -> dict[str, str]:
+        """The torchrun variables describing this process (for launching it)."""
+        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+                "LOCAL_WORLD_SIZE": str(self.local_world_size), "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port)}
+
+
+def free_port() -> int:
+    """A TCP port on this host that nobody listens on right now (for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpus_per_rank(dist: DistInfo) -> int:
+    """This rank's CPU share: the Slurm task's cores, else the cores we may run on split over local ranks."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit():
+        return max(1, int(slurm))
+    return max(1, len(os.sched_getaffinity(0)) // dist.local_world_size)
+
+
+def init_distributed(dist: DistInfo, backend: str, timeout_s: float) -> bool:
+    """Join the process group (`env://` rendezvous) unless this is a single process.
+
+    Args:
+        dist: this process's place in the job.
+        backend: "gloo" (CPU) or "nccl" (GPU).
+        timeout_s: how long any collective may wait for another rank before it raises.
+
+    Returns:
+        True when this call created the process group (the caller then tears it down).
+    """
+    if not dist.distributed or tdist.is_initialized():
+        return False
+    os.environ.setdefault("MASTER_ADDR", dist.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(dist.master_port))
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out NCCL collective aborts the process
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device("cuda", dist.local_rank)  # eager NCCL init on the right device
+    tdist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size,
+                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return True
+
+
+def control_group(backend: str) -> tdist.ProcessGroup | None:
+    """A CPU (gloo) group for small host-side agreements, so that they never synchronise a GPU stream."""
+    if not tdist.is_initialized():
+        return None
+    return tdist.new_group(backend="gloo") if backend == "nccl" else None  # None = the world group, already gloo
+
+
+def teardown_distributed() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group: tdist.ProcessGroup | None = None) -> torch.Tensor:
+    """In-place all-reduce (sum, max or min); a no-op in a single process."""
+    if tdist.is_initialized():
+        tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op],
+                         group=group)
+    return tensor
+
+
+def barrier(group: tdist.ProcessGroup | None = None) -> None:
+    if tdist.is_initialized():
+        tdist.barrier(group=group)

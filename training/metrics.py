@@ -1,0 +1,89 @@
+"""The run's metrics: `OUT/metrics.jsonl` (one JSON object per line) and `OUT/curves.png`.
+
+Rows carry the optimizer `step` they were logged at. Training rows: step, epoch, loss, lr, images_per_s,
+data_wait_fraction. Validation rows: step, epoch, val_top1, val_top5 (fractions in [0, 1]). Events:
+`{"event": "resume", "step": N}`. A resumed run first drops every row logged after its checkpoint's
+step, so the file reads as one uninterrupted run plus the resume events.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class MetricsLog:
+    """Appends rows to metrics.jsonl; only the main rank writes (the others hold a disabled log)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:  # line-buffered by hand: a killed run loses at most the row in flight
+            f.write(json.dumps(_finite(row)) + "\n")
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows logged after `step` (and a torn last line); returns how many were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the row in flight when the run was killed
+                dropped += 1
+                continue
+            if row.get("step", 0) > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        return dropped
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or Infinity: write them as strings so every line stays standard JSON."""
+    return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def plot_curves(rows: Iterable[dict[str, Any]], out: str | Path) -> None:
+    """curves.png: training loss, learning rate and validation accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on compute nodes
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    train = [r for r in rows if "loss" in r and isinstance(r["loss"], (int, float))]
+    val = [r for r in rows if "val_top1" in r]
+    resumes = [r["step"] for r in rows if r.get("event") == "resume"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[2].plot([r["step"] for r in val], [r["val_top1"] for r in val], "o-", label="top-1")
+    axes[2].plot([r["step"] for r in val], [r["val_top5"] for r in val], "s-", label="top-5")
+    axes[2].set(title="validation accuracy", xlabel="step", ylim=(0, 1))
+    axes[2].legend(loc="lower right")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        for s in resumes:
+            ax.axvline(s, color="gray", linestyle=":", linewidth=1)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
