@@ -1,0 +1,329 @@
+"""Specification of the training engine's parts, in one process (fast; the multi-process runs are in
+test_train_cli.py): LR schedule of the recipe, optimizer choice, checkpoints, metrics log, DistInfo,
+non-finite loss detection, evaluation counts, and exact resume through a RunControl stop."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from training import engine
+from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, unwrap
+from training.config import Config, ConfigError, OptimConfig, load_config
+from training.dist import DistInfo
+from training.metrics import MetricsLog, read_metrics
+from training.optim import LRSchedule, build_optimizer, param_groups, real_apex_fused_sgd
+from training.precision import resolve_precision
+
+
+# --- LR schedule: the paper's recipe -----------------------------------------------------------------
+
+def test_lr_is_scaled_linearly_from_the_reference_batch() -> None:
+    recipe = OptimConfig(lr=0.6, reference_batch=1024)
+    assert LRSchedule(recipe, 1024, 100, 100).lr(0) == pytest.approx(0.6)
+    assert LRSchedule(recipe, 2048, 100, 100).lr(0) == pytest.approx(1.2)
+    assert LRSchedule(recipe, 256, 100, 100).lr(0) == pytest.approx(0.15)
+
+
+def test_step_schedule_divides_by_ten_every_30_epochs() -> None:
+    s = LRSchedule(OptimConfig(lr=0.6, reference_batch=1024), global_batch=1024, steps_per_epoch=1251, epochs=100)
+    epoch = lambda e: e * 1251  # noqa: E731  first step of epoch e
+    assert s.lr(0) == pytest.approx(0.6)
+    assert s.lr(epoch(30) - 1) == pytest.approx(0.6)
+    assert s.lr(epoch(30)) == pytest.approx(0.06)
+    assert s.lr(epoch(60)) == pytest.approx(0.006)
+    assert s.lr(epoch(90)) == pytest.approx(0.0006)
+    assert s.lr(epoch(100) - 1) == pytest.approx(0.0006)
+
+
+def test_warmup_rises_linearly_to_the_peak_then_the_steps_apply() -> None:
+    s = LRSchedule(OptimConfig(lr=0.6, reference_batch=1024, warmup_epochs=5), 2048, 100, 100)
+    assert s.warmup_steps == 500
+    assert s.lr(0) == pytest.approx(1.2 / 500)  # moves from the first step
+    assert s.lr(249) == pytest.approx(1.2 * 250 / 500)
+    assert s.lr(499) == pytest.approx(1.2)
+    assert s.lr(500) == pytest.approx(1.2)
+    assert s.lr(3000) == pytest.approx(0.12)
+    assert all(s.lr(i) < s.lr(i + 1) for i in range(499))
+
+
+def test_cosine_schedule_after_warmup() -> None:
+    s = LRSchedule(OptimConfig(lr=0.1, reference_batch=256, schedule="cosine", warmup_epochs=1), 256, 10, 11)
+    assert s.lr(9) == pytest.approx(0.1)
+    assert s.lr(10 + 50) == pytest.approx(0.05)  # half-way through the 100 decay steps
+    assert s.lr(109) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+
+
+def test_schedule_sets_the_optimizer_lr_per_step_and_resumes_from_its_count() -> None:
+    model = nn.Linear(2, 2)
+    opt, _ = build_optimizer(model, OptimConfig(), "cpu")
+    s = LRSchedule(OptimConfig(lr=0.6, reference_batch=1024, step_epochs=1), 1024, 2, 3)
+    lrs = []
+    for _ in range(5):
+        lrs.append(s.apply(opt))
+        assert opt.param_groups[0]["lr"] == lrs[-1]
+        s.step()
+    assert lrs == pytest.approx([0.6, 0.6, 0.06, 0.06, 0.006])
+    t = LRSchedule(OptimConfig(lr=0.6, reference_batch=1024, step_epochs=1), 1024, 2, 3)
+    t.load_state_dict(s.state_dict())
+    assert t.apply(opt) == pytest.approx(0.006)
+
+
+# --- optimizer -------------------------------------------------------------------------------------
+
+def test_no_decay_group_holds_bn_and_biases() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    assert len(param_groups(model, 1e-4, decay_bn_and_bias=True)) == 1
+    decay, no_decay = param_groups(model, 1e-4, decay_bn_and_bias=False)
+    assert {p.ndim for p in decay["params"]} == {2, 4} and decay["weight_decay"] == 1e-4
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0  # conv bias, BN gamma+beta, fc bias
+
+
+def test_optimizer_choice_on_cpu() -> None:
+    model = nn.Linear(2, 2)
+    opt, kind = build_optimizer(model, OptimConfig(momentum=0.9, nesterov=True), "cpu")
+    assert kind == "torch foreach" and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    with pytest.raises(ConfigError, match="optim.fused = 'torch'"):
+        build_optimizer(model, OptimConfig(fused="torch"), "cpu")
+    with pytest.raises(ConfigError, match="optim.fused = 'apex'"):
+        build_optimizer(model, OptimConfig(fused="apex"), "gpu")
+
+
+def test_the_unrelated_pypi_apex_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("apex")
+    fake.__file__ = "/site-packages/apex/__init__.py"
+    monkeypatch.setitem(sys.modules, "apex", fake)
+    monkeypatch.setattr("importlib.metadata.metadata", lambda name: {"Summary": "Pyramid toolkit to add Velruse, Flash Messages"})
+    cls, why = real_apex_fused_sgd()
+    assert cls is None and "unrelated PyPI package" in why and "Pyramid" in why
+    with pytest.raises(ConfigError, match="unrelated PyPI"):
+        build_optimizer(nn.Linear(2, 2), OptimConfig(fused="apex"), "gpu")
+
+
+def test_precision_defaults() -> None:
+    assert resolve_precision("auto", "cpu").name == "fp32" and not resolve_precision("auto", "cpu").enabled
+    gpu = resolve_precision("auto", "gpu")
+    assert gpu.name == "bf16" and gpu.enabled and not gpu.scaled and gpu.device_type == "cuda"
+    assert resolve_precision("fp16", "gpu").scaled
+
+
+# --- checkpoints, metrics, DistInfo ----------------------------------------------------------------
+
+def test_checkpoint_is_atomic_and_weights_only_loadable(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 3))
+    compiled = nn.Module()  # what torch.compile returns holds the model as _orig_mod
+    compiled._orig_mod = model
+    assert unwrap(compiled) is model and not any(k.startswith(("module.", "_orig_mod.")) for k in unwrap(compiled).state_dict())
+    state = {"format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": {}, "scaler": {},
+             "scheduler": {"step_count": 3}, "epoch": 1, "step": 3, "loader": {"epoch": 1, "position": 12},
+             "classes": ["n1", "n2"], "arch": "x", "num_classes": 2, "config": {"train": {"seed": 0}}}
+    path = tmp_path / "checkpoints" / "last.pt"
+    atomic_save(state, path)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 3 and torch.equal(loaded["model"]["0.weight"], model[0].weight)
+    assert load_checkpoint(path)["classes"] == ["n1", "n2"]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_metrics_truncation_drops_rows_after_the_checkpoint(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    for step in (5, 10, 15, 20):
+        log.write({"step": step, "epoch": 0, "loss": 1.0 / step, "lr": 0.1})
+    log.write({"step": 20, "epoch": 1, "val_top1": 0.5, "val_top5": 0.9})
+    log.write({"step": 25, "loss": float("nan")})
+    with open(log.path, "a") as f:
+        f.write('{"step": 30, "lo')  # the row in flight when the process was killed
+    assert log.truncate_after(15) == 4
+    log.write({"event": "resume", "step": 15})
+    rows = read_metrics(log.path)
+    assert [r["step"] for r in rows] == [5, 10, 15, 15] and rows[-1] == {"event": "resume", "step": 15}
+    MetricsLog(tmp_path / "other.jsonl", enabled=False).write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_dist_info_from_torchrun_and_slurm_variables() -> None:
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
+                "MASTER_PORT": "1234"}
+    d = DistInfo.from_env(torchrun)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.master_port) == (3, 8, 1, 2, "n1", 1234)
+    assert not d.is_main and d.distributed and DistInfo.from_env(d.env()) == d
+    slurm = DistInfo.from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_NTASKS_PER_NODE": "8"})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.local_world_size) == (5, 16, 5, 8)
+    assert DistInfo.from_env({}) == DistInfo()
+    with pytest.raises(ValueError, match="RANK='x'"):
+        DistInfo.from_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="outside"):
+        DistInfo(rank=2, world_size=2)
+
+
+# --- steps: non-finite loss, evaluation -------------------------------------------------------------
+
+def test_non_finite_loss_is_caught_at_the_next_check_naming_its_step() -> None:
+    meter = engine.StepMeter(torch.device("cpu"), images_per_step=8)
+    for loss in (1.0, 0.9, float("nan"), 0.8, float("inf")):
+        meter.add(torch.tensor(loss))
+    with pytest.raises(engine.NonFiniteLoss, match="at step 13"):  # steps 11..15 here: the first NaN is 13
+        meter.check_finite(step=15, group=None)
+
+
+def test_meter_row() -> None:
+    meter = engine.StepMeter(torch.device("cpu"), images_per_step=8)
+    meter.add(torch.tensor(1.0))
+    meter.add(torch.tensor(3.0))
+    meter.waited(0.0)
+    row = meter.flush(step=2, group=None)
+    assert row["loss"] == 2.0 and row["images_per_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1
+
+
+class Scores(nn.Module):
+    """A 'model' whose logits are the inputs: the test chooses the ranking."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def test_evaluate_counts_top1_and_topk_over_all_images() -> None:
+    logits = torch.tensor([[9., 1, 2, 3, 4, 5, 6],   # label 0: top-1
+                           [1., 9, 8, 3, 4, 5, 6],   # label 2: second: in the top k only
+                           [9., 8, 7, 6, 5, 1, 0],   # label 6: last, missed
+                           [0., 1, 2, 3, 4, 5, 9]])  # label 6: top-1
+    labels = torch.tensor([0, 2, 6, 6])
+    batches = [(logits[:3], labels[:3], torch.arange(3)), (logits[3:], labels[3:], torch.arange(3, 4))]
+    m = engine.evaluate(Scores(), batches, resolve_precision("fp32", "cpu"), 7, torch.device("cpu"))
+    assert m == {"val_top1": 0.5, "val_top5": 0.75, "val_images": 4}
+    m = engine.evaluate(Scores(), batches, resolve_precision("fp32", "cpu"), 3, torch.device("cpu"))
+    assert m["val_top5"] == 0.75  # k = min(5, classes) = 3
+
+
+# --- the whole loop in one process, with an in-memory loader -----------------------------------------
+
+class TensorLoader:
+    """The loader interface over fixed tensors: order and augmentation keyed by (seed, epoch, position)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.position = 0, 0
+        g = torch.Generator().manual_seed(123)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        self.images = torch.randn(n, 3, 16, 16, generator=g) + self.labels[:, None, None, None].float()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+        while self.position + self.batch_size <= len(self) * self.batch_size:
+            idx = torch.as_tensor(order[self.position:self.position + self.batch_size])
+            self.position += self.batch_size
+            yield self.images[idx], self.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def close(self) -> None:
+        pass
+
+
+class EvalTensorLoader(TensorLoader):
+    def __iter__(self):
+        for i in range(0, self.n, self.batch_size):
+            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size], torch.arange(i, i + self.batch_size)
+
+
+class StopAt(engine.RunControl):
+    """Asks for a checkpoint and a stop when the run reaches `step` (as a signal handler would)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(check_every=1)
+        self.step, self.saved = step, []
+
+    def on_checkpoint_saved(self, path: Path, step: int) -> None:
+        self.saved.append(step)
+
+
+@pytest.fixture
+def in_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """run() with an in-memory data set and a small conv net, so the loop runs in a second."""
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    data = engine.Data(types.SimpleNamespace(classes=("a", "b", "c")), None, frozenset())
+    monkeypatch.setattr(engine, "preflight", lambda cfg: None)
+    monkeypatch.setattr(engine, "load_data", lambda cfg: data)
+    monkeypatch.setattr(engine, "build_loaders", lambda cfg, dist, data: (TensorLoader(96, 8, cfg.train.seed),
+                                                                          EvalTensorLoader(24, 8)))
+
+    def small_model(cfg: Config, device: torch.device) -> nn.Module:
+        torch.manual_seed(cfg.train.seed)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    monkeypatch.setattr(engine, "build_model", small_model)
+    overrides = ["model.num_classes=3", "data.device=cpu", "train.epochs=3", "train.batch_size=8", "train.log_every=4",
+                 "train.checkpoint_every=5", "optim.lr=0.1", "optim.reference_batch=8", "optim.warmup_epochs=1"]
+    return load_config(None, overrides), tmp_path
+
+
+def test_stop_on_request_then_resume_is_exact_and_metrics_read_as_one_run(in_memory) -> None:
+    cfg, tmp = in_memory
+    whole = engine.run(cfg, DistInfo(), tmp / "whole", resume=None)
+    assert whole["step"] == 36 and not whole["stopped"] and 0 <= whole["val_top1"] <= 1
+
+    control = StopAt(17)
+    real_step, calls = engine.train_step, [0]
+
+    def step_then_signal(*args):  # a "signal handler" asks during step 17
+        calls[0] += 1
+        if calls[0] == control.step:
+            control.request_checkpoint(stop=True)
+        return real_step(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "train_step", step_then_signal)
+        part = engine.run(cfg, DistInfo(), tmp / "part", resume="auto", control=control)
+    assert part["stopped"] and part["step"] == 17 and control.saved == [17]
+    rest = engine.run(cfg, DistInfo(), tmp / "part", resume="auto")
+    assert rest["step"] == 36
+
+    a = torch.load(tmp / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp / "part" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp / "whole" / "checkpoints" / "best.pt").is_file() and (tmp / "whole" / "curves.png").is_file()
+
+    rows_whole, rows_part = read_metrics(tmp / "whole" / "metrics.jsonl"), read_metrics(tmp / "part" / "metrics.jsonl")
+    assert {"event": "resume", "step": 17} in rows_part
+    strip = lambda rows: [(r["step"], r.get("val_top1")) for r in rows if "event" not in r]  # noqa: E731
+    assert strip(rows_part) == strip(rows_whole)  # the same rows, each logged once
+    # Same losses, except the row whose window spans the resume (it averages only the steps after it).
+    losses = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r and not 17 < r["step"] <= 20}  # noqa: E731
+    assert losses(rows_part) == losses(rows_whole)
+    assert (tmp / "part" / "config.yaml").is_file()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_memory, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, tmp = in_memory
+    real_step = engine.train_step
+    calls = [0]
+
+    def poisoned(model, images, labels, *rest):
+        calls[0] += 1
+        return real_step(model, images * (float("nan") if calls[0] == 7 else 1.0), labels, *rest)
+    monkeypatch.setattr(engine, "train_step", poisoned)
+    with pytest.raises(engine.NonFiniteLoss, match="at step 7"):
+        engine.run(cfg, DistInfo(), tmp / "nan", resume=None)
+    ckpt = torch.load(tmp / "nan" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp / "nan" / "metrics.jsonl") if "loss" in r)
+    json.dumps(ckpt["config"])  # the resolved config is plain data
