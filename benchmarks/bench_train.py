@@ -1,0 +1,149 @@
+"""What does the engine's machinery cost? Engine time per image vs a bare training loop.
+
+Both loops train the same model on the same device-resident batch, so the input pipeline is out of
+the picture (`senet bench-train` measures that part: real DALI batches vs a resident one). The engine
+side is `training.engine.train_one_epoch` itself: LR schedule per step, per-step reseeding, loss and
+finiteness accumulation on the device, data-wait timing, log rows every `--log-every` steps and the
+RunControl agreement every 10 steps. The bare side is forward, cross-entropy, zero_grad, backward,
+SGD step. Goal (issue 5): engine within 10 % of bare on CPU.
+
+Timings are interleaved (each repeat runs both, alternating which goes first) and reported as
+medians, so drift on a shared machine hits both alike.
+
+Usage::
+
+    python benchmarks/bench_train.py                                  # se_resnext_tiny, batch 32 at 64 px, CPU
+    python benchmarks/bench_train.py --arch se_resnext50_32x4d --crop 224 --batch-size 256 --device gpu --precision bf16
+
+Measures and prints; never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from training import engine  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.dist import DistInfo  # noqa: E402
+from training.metrics import MetricsLog  # noqa: E402
+from training.optim import LRSchedule, build_optimizer  # noqa: E402
+
+
+class ResidentLoader:
+    """The loader interface yielding one device-resident batch `steps` times."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+        self.images, self.labels, self.steps = images, labels, steps
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.images, self.labels
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="se_resnext_tiny")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--steps", type=int, default=20, help="steps per timed run")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--log-every", type=int, default=10, help="engine log rows (each one syncs)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = load_config(None, [f"model.arch={args.arch}", f"model.num_classes={args.classes}", f"data.device={args.device}",
+                             f"train.precision={args.precision}", f"train.batch_size={args.batch_size}",
+                             f"train.log_every={args.log_every}", "train.checkpoint_every=1000000", "train.epochs=1000"])
+    device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
+    precision = engine.resolve_precision(cfg.train.precision, args.device)
+    model = engine.build_model(cfg, device)
+    optimizer, kind = build_optimizer(model, cfg.optim, args.device)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.01
+    scaler = precision.grad_scaler()
+    images = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device)
+    if cfg.model.channels_last and device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    r = engine.Run(cfg=cfg, dist=DistInfo(), out=out, device=device, precision=precision, model=model, train_model=model,
+                   optimizer=optimizer, scaler=scaler, schedule=LRSchedule(cfg.optim, args.batch_size, args.steps, 1000),
+                   train_loader=ResidentLoader(images, labels, args.steps), val_loader=None, classes=tuple(map(str, range(args.classes))),
+                   log=MetricsLog(out / "metrics.jsonl", enabled=True), control=engine.RunControl(), group=None)
+    state = engine.TrainState()
+
+    def run_engine() -> float:
+        sync()
+        t = time.perf_counter()
+        engine.train_one_epoch(r, state)
+        sync()
+        state.epoch += 1
+        return time.perf_counter() - t
+
+    def run_bare() -> float:
+        sync()
+        t = time.perf_counter()
+        model.train()
+        for _ in range(args.steps):
+            with precision.autocast():
+                loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        sync()
+        return time.perf_counter() - t
+
+    run_bare(), run_engine()  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {"engine": [], "bare": []}
+    for i in range(args.repeats):
+        order = (("engine", run_engine), ("bare", run_bare)) if i % 2 == 0 else (("bare", run_bare), ("engine", run_engine))
+        for name, fn in order:
+            times[name].append(fn())
+    per_image = {k: statistics.median(v) / (args.steps * args.batch_size) for k, v in times.items()}
+    result: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+                   + (f", {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""),
+        "torch": torch.__version__, "arch": args.arch, "batch_size": args.batch_size, "crop": args.crop,
+        "device": args.device, "precision": precision.name, "optimizer": kind, "steps": args.steps, "repeats": args.repeats,
+        "engine_ms_per_image": per_image["engine"] * 1e3, "bare_ms_per_image": per_image["bare"] * 1e3,
+        "engine_over_bare": per_image["engine"] / per_image["bare"],
+        "engine_images_per_s": 1 / per_image["engine"], "bare_images_per_s": 1 / per_image["bare"],
+        "runs_s": times,
+    }
+    print(f"{args.arch} batch {args.batch_size} at {args.crop} px on {args.device} ({precision.name}, {result['machine']}): "
+          f"engine {result['engine_ms_per_image']:.3f} ms/img, bare {result['bare_ms_per_image']:.3f} ms/img, "
+          f"ratio {result['engine_over_bare']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
