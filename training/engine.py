@@ -159,7 +159,8 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         if stopped:
             break
         if r.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group)
+            state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group,
+                                      r.cfg.data.layout)
             r.log.write({"step": state.step, "epoch": epoch + 1, **state.last_val})
             if r.dist.is_main:
                 log.info("epoch %d: val top-1 %.4f, top-5 %.4f (%d images)", epoch + 1, state.last_val["val_top1"],
@@ -239,7 +240,7 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, precision: Precision, num_classes: int, device: torch.device,
-             group: Any = None) -> dict[str, float]:
+             group: Any = None, layout: str = "NCHW") -> dict[str, float]:
     """Top-1 and top-k (k = min(5, classes)) accuracy over the whole val set, BN in eval mode.
 
     Each image is counted once across ranks (the loader shards without padding); the correct and
@@ -250,7 +251,7 @@ def evaluate(model: nn.Module, loader: Any, precision: Precision, num_classes: i
     k = min(5, num_classes)
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-k hits, images
     for images, labels, _positions in loader:
-        images, labels = prepare_batch(images, labels, precision, None)
+        images, labels = prepare_batch(images, labels, precision, layout)
         with precision.autocast():
             logits = model(images)
         hits = logits.topk(k, dim=1).indices == labels[:, None]
@@ -326,9 +327,9 @@ def agree_on_requests(control: RunControl, group: Any) -> bool:
 
 
 def prepare_batch(images: torch.Tensor, labels: torch.Tensor, precision: Precision,
-                  layout: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Loader tensors -> model inputs: NCHW view (channels_last memory for NHWC), dtype, int64 labels."""
-    if layout == "NHWC" or (layout is None and images.shape[-1] == 3 and images.shape[1] != 3):
+    if layout == "NHWC":
         images = images.permute(0, 3, 1, 2)  # a view: NCHW shape over channels_last memory, no copy
     if not precision.enabled and images.dtype != torch.float32:
         images = images.float()
