@@ -1,0 +1,162 @@
+"""`senet train` end to end: real gloo processes, real DALI, make-synthetic data.
+
+Two processes with class-aware sampling and full augmentation learn the synthetic task; a run
+SIGKILLed after a checkpoint and resumed with `--resume auto` ends bit-identical to an uninterrupted
+one; configuration mistakes are one line and exit 2.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.synthetic import SyntheticSpec, make_synthetic
+from training.cli import main
+from training.metrics import read_metrics
+
+needs_loader = pytest.mark.skipif(importlib.util.find_spec("pipeline.loader") is None
+                                  or importlib.util.find_spec("nvidia.dali") is None,
+                                  reason="needs DALI and pipeline.loader")
+
+CLASSES = 6
+BASE = [f"model.num_classes={CLASSES}", "data.device=cpu", "data.dtype=float32", "data.py_workers=1", "data.threads=1",
+        "train.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 learnable classes of small images (64-112 px), ILSVRC layout with a devkit."""
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    make_synthetic(root, SyntheticSpec(classes=CLASSES, train_per_class=60, val_per_class=10, test=0, seed=1,
+                                       min_side=64, max_side=112))
+    return root
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text("model:\n  arch: se_resnext_tiny\n  channels_last: false\ntrain:\n  seed: 3\n")
+    return path
+
+
+def senet(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "training", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def settings(data: Path, tmp: Path, *extra: str) -> list[str]:
+    items = [*BASE, f"data.root={data}", f"data.cache_dir={tmp / 'cache'}", *extra]
+    return [a for item in items for a in ("--set", item)]
+
+
+@needs_loader
+@pytest.mark.slow
+def test_two_processes_learn_the_synthetic_task(data: Path, config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = senet("train", str(config), "--nproc", "2", "--out", str(out), *settings(
+        data, tmp_path, "data.sampling=class_aware", "data.crop_size=48", "data.rotation=10", "data.brightness=0.4",
+        "data.contrast=0.4", "data.saturation=0.4", "data.hue=0.05", "data.flip=0.5",
+        "train.epochs=14", "train.batch_size=16", "train.log_every=5", "train.checkpoint_every=50",
+        "optim.lr=0.4", "optim.reference_batch=64", "optim.warmup_epochs=1", "optim.schedule=cosine",
+        "optim.label_smoothing=0.1"))
+    code, text = finish(proc, timeout=300)
+    assert code == 0, text[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    val = [r for r in rows if "val_top1" in r]
+    train = [r for r in rows if "loss" in r]
+    assert len(val) == 14 and val[-1]["val_images"] == CLASSES * 10  # every val image counted exactly once
+    assert val[-1]["val_top1"] >= 0.6, val  # chance is 1/6
+    assert all(0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in val)
+    for r in train:
+        assert {"step", "epoch", "loss", "lr", "images_per_s", "data_wait_fraction"} <= r.keys()
+        assert math.isfinite(r["loss"]) and r["lr"] > 0 and r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1
+    assert [r["step"] for r in train] == sorted(r["step"] for r in train)
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "curves.png", "config.yaml", "config.given.yaml"):
+        assert (out / name).is_file(), name
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["arch"] == "se_resnext_tiny" and ckpt["num_classes"] == CLASSES and len(ckpt["classes"]) == CLASSES
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert ckpt["config"]["data"]["root"] == str(data) and ckpt["world_size"] == 2
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    assert best["best_top1"] == max(r["val_top1"] for r in val)
+
+
+@needs_loader
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_equals_the_uninterrupted_run(data: Path, config: Path, tmp_path: Path) -> None:
+    # 2 ranks x 8 = 16 per step, 160 samples -> 10 steps per epoch, 20 in all; checkpoints every 7 steps.
+    common = settings(data, tmp_path, "data.crop_size=32", "data.samples_per_epoch=160", "train.epochs=2",
+                      "train.batch_size=8", "train.checkpoint_every=7", "train.log_every=2", "optim.lr=0.1",
+                      "optim.reference_batch=16", "optim.warmup_epochs=0.5")
+    whole = tmp_path / "whole"
+    code, text = finish(senet("train", str(config), "--nproc", "2", "--out", str(whole), *common), timeout=200)
+    assert code == 0, text[-3000:]
+
+    part = tmp_path / "part"
+    proc = senet("train", str(config), "--nproc", "2", "--out", str(part), *common, start_new_session=True)
+    last = part / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 150
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher, both ranks and their DALI workers, mid-run
+    proc.communicate()
+    killed_at = torch.load(last, weights_only=True)["step"]
+    assert 0 < killed_at < 20
+
+    code, text = finish(senet("train", str(config), "--nproc", "2", "--out", str(part), "--resume", "auto", *common),
+                        timeout=200)
+    assert code == 0, text[-3000:]
+    assert f"resumed from step {killed_at}" in text
+    a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    assert a["model"].keys() == b["model"].keys()
+    different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not different, different
+    momentum = lambda c: [s["momentum_buffer"] for s in c["optimizer"]["state"].values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(momentum(a), momentum(b)))
+    rows = read_metrics(part / "metrics.jsonl")
+    assert {"event": "resume", "step": killed_at} in rows
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps))  # rows after the checkpoint were dropped, not duplicated
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_config_errors_are_one_line_and_exit_2(data: Path, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epocs: 3\n")
+    code, err = run_cli(["train", str(bad)], capsys)
+    assert code == 2 and len(err) == 1 and "train.epocs" in err[0] and "train.epochs" in err[0]
+
+    code, err = run_cli(["train", str(config), "--set", f"data.root={tmp_path / 'nowhere'}"], capsys)
+    assert code == 2 and len(err) == 1 and "data.root" in err[0] and "nowhere" in err[0]
+
+    code, err = run_cli(["train", str(config), "--set", f"data.root={data}", "--set", "model.num_classes=1000"], capsys)
+    assert code == 2 and len(err) == 1 and "model.num_classes = 1000" in err[0] and f"{CLASSES} class folders" in err[0]
+
+    code, err = run_cli(["train", str(config), "--set", "train.batch_size=0"], capsys)
+    assert code == 2 and len(err) == 1 and "train.batch_size" in err[0]
+
+    code, err = run_cli(["bench-train", str(config), "--set", f"data.root={data}", "--set", "model.arch=se_resnext9000"], capsys)
+    assert code == 2 and len(err) == 1 and "se_resnext9000" in err[0]
+    assert not (tmp_path / "runs").exists(), "a failed start must not leave a run folder"
