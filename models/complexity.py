@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +105,33 @@ def _torch_device(device: str) -> torch.device:
     return torch.device("cuda")
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Milliseconds of each call, ``repeats`` times, interleaved.
+
+    Each repeat runs every call once, alternating the order, so that a slow drift of the machine
+    (clock, thermal state, another process) hits all of them alike and their ratio stays fair.
+    On GPU each call is timed between ``torch.cuda.synchronize()`` calls.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = list(calls)
+    for _ in range(warmup):  # allocator, kernel selection, caches
+        for n in names:
+            calls[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else reversed(names):
+            sync()
+            start = time.perf_counter()
+            calls[n]()
+            sync()
+            times[n].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def measure_latency(
     models: dict[str, nn.Module],
     input_size: int | tuple[int, int] = 224,
@@ -116,10 +143,8 @@ def measure_latency(
 ) -> dict[str, float]:
     """Median forward latency of each model, in milliseconds, measured interleaved.
 
-    Each repeat runs every model once, alternating the order, so that a slow drift of the machine
-    (clock, thermal state, another process) hits all models alike and the ratio stays fair.
-    Models run in eval mode under ``torch.no_grad``; on GPU each call is timed between
-    ``torch.cuda.synchronize()`` calls. Models are moved to ``device`` (in place).
+    Models run in eval mode under ``torch.no_grad``, alternating model by model
+    (:func:`time_interleaved`); models are moved to ``device`` in place.
 
     Args:
         models: name -> model.
@@ -127,32 +152,19 @@ def measure_latency(
         device: "cpu", or "gpu"/"cuda".
         repeats: timed calls per model (the median is reported).
         batch_size: images per call.
-        warmup: untimed calls per model first (allocator, kernel selection, caches).
+        warmup: untimed calls per model first.
 
     Returns:
         name -> median milliseconds per forward call.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
     dev = _torch_device(device)
     height, width = _image_shape(input_size)
     x = torch.randn(batch_size, 3, height, width, device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for m in models.values():
         m.to(dev).eval()
-    names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
-        for _ in range(warmup):
-            for n in names:
-                models[n](x)
-        for r in range(repeats):
-            for n in names if r % 2 == 0 else reversed(names):
-                sync()
-                start = time.perf_counter()
-                models[n](x)
-                sync()
-                times[n].append((time.perf_counter() - start) * 1e3)
+        calls = {n: (lambda m=m: m(x)) for n, m in models.items()}
+        times = time_interleaved(calls, repeats, warmup, dev)
     return {n: statistics.median(t) for n, t in times.items()}
 
 

@@ -47,5 +47,11 @@ class SqueezeExcitation(nn.Module):
 
 
 def scale_and_add(identity: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
-    """``identity + branch * gate`` in one fused kernel (SE-ResNet module, paper Fig. 3)."""
-    return torch.addcmul(identity, branch, gate)
+    """``identity + branch * gate`` in one fused kernel (SE-ResNet module, paper Fig. 3).
+
+    When autograd does not need ``branch`` (inference), the result overwrites ``branch``:
+    a fresh activation-sized buffer per block costs an allocation and page faults on CPU.
+    """
+    if torch.is_grad_enabled() and (branch.requires_grad or gate.requires_grad or identity.requires_grad):
+        return torch.addcmul(identity, branch, gate)  # autograd saves branch and gate for backward
+    return torch.addcmul(identity, branch, gate, out=branch)
