@@ -1,0 +1,207 @@
+"""TrainLoader / EvalLoader: sharding, exact resume, world-size independence, bad files, processes.
+
+Real DALI on the CPU over the session's small synthetic tree (real JPEGs, planted bad files).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import AugmentSpec
+from pipeline.datasets import ImageIndex, index_train, index_val
+from pipeline.devkit import load_devkit
+from pipeline.loader import EvalLoader, TrainLoader, _child_pids
+
+CROP = 32
+
+
+def planted(tree: Path, *kinds: str) -> set[str]:
+    return {p["path"] for p in json.loads((tree / "synthetic.json").read_text())["planted"] if p["kind"] in kinds}
+
+
+def train_loader(index: ImageIndex, **kw) -> TrainLoader:
+    args = dict(batch_size=6, rank=0, world_size=1, local_rank=0, device="cpu", seed=11, sampling="class_aware",
+                samples_per_epoch=None, aug=AugmentSpec(), crop_size=CROP, dtype="float16", layout="NCHW", threads=1,
+                py_workers=0, prefetch=2, exclude=frozenset())
+    args.update(kw)
+    return TrainLoader(index, **args)
+
+
+@pytest.fixture(scope="module")
+def clean(small_tree: Path) -> tuple[ImageIndex, frozenset[str]]:
+    """The training index and the planted undecodable files (to exclude)."""
+    return index_train(small_tree), frozenset(planted(small_tree, "truncated", "zero_bytes"))
+
+
+def test_batches_shape_length_and_labels(clean) -> None:
+    index, bad = clean
+    with train_loader(index, exclude=bad) as loader:
+        batches = list(loader)
+    assert len(batches) == len(loader) == (len(index) - len(bad)) // 6
+    images, labels = batches[0]
+    assert images.shape == (6, 3, CROP, CROP) and images.dtype == torch.float16 and labels.dtype == torch.int64
+    assert torch.isfinite(images.float()).all() and 0.3 < images.float().std() < 3
+
+
+def test_mid_epoch_resume_gives_the_same_batches(clean) -> None:
+    index, bad = clean
+    with train_loader(index, exclude=bad, py_workers=1) as a:
+        a.set_epoch(2)
+        it = iter(a)
+        for _ in range(2):
+            next(it)
+        state = json.loads(json.dumps(a.state_dict()))  # plain values
+        expected = [next(it) for _ in range(3)]
+    assert state["epoch"] == 2 and state["global_position"] == 12
+    with train_loader(index, exclude=bad) as b:
+        b.load_state_dict(state)
+        b.set_epoch(2)  # the engine sets the epoch again: the resume point survives
+        got = [batch for batch, _ in zip(b, range(3))]
+    for (x, y), (x2, y2) in zip(expected, got):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_same_draws_for_the_same_global_positions_under_another_world_size(clean) -> None:
+    index, bad = clean
+    with train_loader(index, exclude=bad, batch_size=8, samples_per_epoch=48) as one:
+        x1, y1 = next(iter(one))  # global positions 0..7
+    parts = []
+    for rank in range(2):  # rank r holds global positions r, r + 2, ...
+        with train_loader(index, exclude=bad, batch_size=4, samples_per_epoch=48, rank=rank, world_size=2) as r:
+            parts.append(next(iter(r)))
+    x2 = torch.stack([parts[p % 2][0][p // 2] for p in range(8)])
+    y2 = torch.stack([parts[p % 2][1][p // 2] for p in range(8)])
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_epochs_differ_and_repeat(clean) -> None:
+    index, bad = clean
+    with train_loader(index, exclude=bad) as loader:
+        first = next(iter(loader))[0]
+        loader.set_epoch(1)
+        second = next(iter(loader))[0]
+        loader.set_epoch(0)
+        again = next(iter(loader))[0]
+    assert torch.equal(first, again) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_shards_cover_every_image_once(small_tree: Path, world_size: int) -> None:
+    train = index_train(small_tree)
+    val = index_val(small_tree, load_devkit(small_tree / "ILSVRC2012_devkit_t12"), train.classes)
+    seen, labels = [], []
+    for rank in range(world_size):
+        with EvalLoader(val, batch_size=5, rank=rank, world_size=world_size, local_rank=0, device="cpu",
+                        crop_size=CROP, dtype="float32", layout="NCHW", threads=1, py_workers=world_size - 1) as ev:
+            batches = list(ev)
+            assert len(batches) == len(ev)
+            mine = [p for _, _, pos in batches for p in pos.tolist()]
+            assert mine == list(range(mine[0], mine[0] + len(mine))) if mine else True  # contiguous, in order
+            seen += mine
+            labels += [y for _, lab, _ in batches for y in lab.tolist()]
+    assert sorted(seen) == seen == list(range(len(val)))
+    assert labels == val.labels.tolist()
+
+
+def test_corrupt_file_is_named_replaced_and_counted(small_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    index = index_train(small_tree)
+    truncated = planted(small_tree, "truncated")
+    with caplog.at_level(logging.WARNING, logger="senet.input"):
+        with train_loader(index, sampling="shuffle", batch_size=1, py_workers=1) as loader:  # every file once
+            labels = [y for _, y in loader]
+            stats = dict(loader.stats)
+        with train_loader(index, sampling="shuffle", batch_size=1) as again:
+            assert [y for _, y in again] == labels  # the replacement is deterministic
+    assert stats["replaced_files"] == 2 and stats["replaced_samples"] == 2  # truncated + zero bytes
+    assert set(stats["bad_files"]) == planted(small_tree, "truncated", "zero_bytes")
+    assert any(f in caplog.text for f in truncated)
+
+
+def test_file_that_kills_the_pipeline_is_found_and_replaced(small_tree: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    index = index_train(small_tree)
+    keep = [i for i, f in enumerate(index.files) if f not in planted(small_tree, "truncated", "zero_bytes")]
+    index = ImageIndex(index.root, tuple(index.files[i] for i in keep), index.labels[keep], index.classes)
+    victim = index.files[3]
+    data = (index.root / victim).read_bytes()
+    broken = tmp_path / "tree"
+    for f in set(index.files):
+        (broken / f).parent.mkdir(parents=True, exist_ok=True)
+        (broken / f).symlink_to(index.root / f)
+    (broken / victim).unlink()
+    # A bogus Huffman table: the header and the end marker are fine (the byte screen passes), the
+    # decoder fails and takes the whole DALI pipeline with it.
+    dht = data.find(b"\xff\xc4")
+    (broken / victim).write_bytes(data[:dht + 5] + b"\xff" * 20 + data[dht + 25:])
+    index = ImageIndex(broken, index.files, index.labels, index.classes)
+    with caplog.at_level(logging.WARNING, logger="senet.input"):
+        with train_loader(index, sampling="shuffle", batch_size=2) as loader:
+            n = sum(len(y) for _, y in loader)
+            stats = dict(loader.stats)
+    assert n == len(index) // 2 * 2
+    assert stats["rebuilds"] == 1 and stats["bad_files"] == [victim] and stats["replaced_samples"] == 1
+    assert victim in caplog.text
+
+
+def test_excluded_files_never_appear(small_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    index = index_train(small_tree)
+    bad = planted(small_tree, "truncated", "zero_bytes")
+    with caplog.at_level(logging.WARNING, logger="senet.input"):
+        with train_loader(index, sampling="shuffle", batch_size=1, exclude=bad) as loader:
+            assert not set(loader.index.files) & bad
+            assert len(list(loader)) == len(index) - len(bad)
+            assert loader.stats["replaced_samples"] == 0
+    assert not caplog.text
+
+
+def _alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+def test_no_worker_processes_after_close_or_exception(clean) -> None:
+    index, bad = clean
+    before = _child_pids()
+    loader = train_loader(index, exclude=bad, py_workers=2)
+    workers = _child_pids() - before
+    assert len(workers) == 2
+    next(iter(loader))
+    loader.close()
+    assert not _alive(workers)
+    before = _child_pids()
+    with pytest.raises(ZeroDivisionError):
+        with train_loader(index, exclude=bad, py_workers=2) as loader:
+            workers = _child_pids() - before
+            next(iter(loader))
+            1 / 0
+    assert workers and not _alive(workers)
+
+
+def test_workers_survive_sigterm_inside_slurm(clean, monkeypatch: pytest.MonkeyPatch) -> None:
+    index, bad = clean
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    before = _child_pids()
+    with train_loader(index, exclude=bad, py_workers=1) as loader:
+        workers = _child_pids() - before
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        assert _alive(workers) == workers
+        assert len(list(loader)) == len(loader)
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # only the workers ignore it
+    assert not _alive(workers)
