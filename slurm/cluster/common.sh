@@ -24,10 +24,38 @@ NODES=(node1 node2)
 RUN=$LOCAL/run  # pid files
 LOG=$LOCAL/log
 SLURM_CONF_FILE=$LOCAL/etc/slurm.conf
-MUNGE_MARK=$LOCAL/run/munged.ours  # present only when up.sh started munged
+# Present only while a munged started by up.sh runs; shared, so the last checkout to go down stops it.
+MUNGE_MARK=/run/munge/started-by-senet
+
+# running PID: the process exists and is not a zombie. PID 1 here reaps orphans only now and then,
+# and `kill -0` succeeds on a zombie.
+running() {
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $state != Z* ]]
+}
 
 # pid_alive FILE: the pid in FILE names a running process.
 pid_alive() {
     local pid
-    [[ -s $1 ]] && pid=$(<"$1") && [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+    [[ -s $1 ]] && pid=$(<"$1") && [[ $pid =~ ^[0-9]+$ ]] && running "$pid"
+}
+
+# stop_pids SECONDS PID...: SIGTERM them all, wait for all to exit, SIGKILL what is left after SECONDS.
+stop_pids() {
+    local timeout=$1 pid deadline
+    shift
+    for pid in "$@"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    deadline=$((SECONDS + timeout))
+    for pid in "$@"; do
+        while running "$pid"; do
+            if (( SECONDS >= deadline )); then
+                echo "slurm: pid $pid ignored SIGTERM for ${timeout}s; sending SIGKILL" >&2
+                kill -KILL "$pid" 2>/dev/null || true
+                break
+            fi
+            sleep 0.1
+        done
+    done
 }

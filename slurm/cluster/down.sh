@@ -1,39 +1,52 @@
 #!/usr/bin/env bash
 # Stop the local cluster that up.sh started and wipe .slurm-local/: Slurm state and the accounting
 # database go together, so the next `up` starts again at JobID 1 with nothing drained or queued.
-# Safe to run when nothing is up. munged is stopped only if up.sh started it and no other cluster uses it.
+# Safe to run when nothing is up. munged is stopped only if an up.sh started it and no other cluster uses it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-STOP_TIMEOUT=30  # seconds per daemon; slurmctld saves its state first
+STOP_TIMEOUT=30  # seconds; slurmctld saves its state first
 
 log() { echo "slurm-down: $*"; }
 
-# stop NAME PIDFILE: SIGTERM the pid in PIDFILE and wait for it to exit (SIGKILL after STOP_TIMEOUT).
+# stop PIDFILE...: stop those daemons together: each takes 1-3 s to exit, and the state is wiped anyway.
 stop() {
-    local name=$1 file=$2 pid deadline
-    pid_alive "$file" || return 0
-    pid=$(<"$file")
-    log "stopping $name (pid $pid)"
-    kill -TERM "$pid"
-    deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null; do
-        if (( SECONDS >= deadline )); then
-            log "WARNING: $name (pid $pid) ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        sleep 0.1
+    local file pid pids=()
+    for file in "$@"; do
+        pid_alive "$file" || continue
+        pid=$(<"$file")
+        log "stopping $(basename "$file" .pid) (pid $pid)"
+        pids+=("$pid")
     done
+    stop_pids "$STOP_TIMEOUT" "${pids[@]}"
+}
+
+# descendants PID...: the processes below them, read before anything is signalled (orphans move to pid 1).
+descendants() {
+    ps -eo pid=,ppid= | awk -v roots="$*" '
+        { parent[$1] = $2 }
+        END {
+            n = split(roots, r, " "); for (i = 1; i <= n; i++) mine[r[i]] = 1
+            do { added = 0; for (p in parent) if (!(p in mine) && (parent[p] in mine)) { mine[p] = 1; added = 1 } } while (added)
+            for (i = 1; i <= n; i++) delete mine[r[i]]
+            for (p in mine) print p
+        }'
 }
 
 # Job steps outlive slurmd; ours carry our SLURM_CONF in their environment (inherited from slurmd).
+# They are left only when scancel could not run (slurmctld dead), and then neither they nor their
+# tasks reliably end on SIGTERM (srun ignores the first one): hence the short timeout before SIGKILL.
 stop_orphan_steps() {
-    local pid
+    local pid steps=()
     for pid in $(pgrep -x slurmstepd || true); do
         tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$SLURM_CONF_FILE" || continue
-        log "stopping leftover slurmstepd (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
+        steps+=("$pid")
     done
+    (( ${#steps[@]} )) || return 0
+    local tasks
+    tasks=$(descendants "${steps[@]}")
+    log "stopping leftover job steps (pids ${steps[*]}) and their tasks (pids $(echo $tasks))"
+    stop_pids 5 "${steps[@]}" $tasks
 }
 
 cancel_jobs() {
@@ -50,26 +63,21 @@ cancel_jobs() {
 }
 
 # Other checkouts' clusters share the system munged.
-other_slurm_daemons() { pgrep -x 'slurmctld|slurmd|slurmdbd' >/dev/null; }
+other_slurm_daemons() { pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x slurmdbd >/dev/null; }
 
 main() {
     (( EUID == 0 )) || { echo "slurm-down: run as root" >&2; exit 1; }
     export SLURM_CONF=$SLURM_CONF_FILE
     [[ -d $LOCAL ]] || { log "nothing to stop ($LOCAL does not exist)"; return 0; }
     cancel_jobs
-    local n
-    for n in "${NODES[@]}"; do
-        stop "slurmd -N $n" "$RUN/slurmd-$n.pid"
-    done
+    stop "$RUN"/slurmd-*.pid "$RUN"/slurmctld.pid "$RUN"/slurmdbd.pid "$RUN"/mariadbd.pid
     stop_orphan_steps
-    stop slurmctld "$RUN/slurmctld.pid"
-    stop slurmdbd "$RUN/slurmdbd.pid"
-    stop mariadbd "$RUN/mariadbd.pid"
     if [[ -e $MUNGE_MARK ]]; then
         if other_slurm_daemons; then
             log "leaving munged running: another Slurm cluster on this machine uses it"
         else
-            stop munged /run/munge/munged.pid
+            stop /run/munge/munged.pid
+            rm -f "$MUNGE_MARK"
         fi
     fi
     rm -rf "$LOCAL"

@@ -15,16 +15,22 @@ DATADIR=$LOCAL/mariadb
 
 log() { echo "slurm-up: $*"; }
 
-# fail MESSAGE: print it with the end of every log, then exit 1.
+# fail MESSAGE: a daemon did not come up; print MESSAGE and the end of each daemon's log, exit 1.
 fail() {
     echo "slurm-up: ERROR: $*" >&2
     local f
     for f in "$LOG"/*.log; do
-        [[ -s $f ]] || continue
+        [[ -s $f && $f != */mariadb-install.log ]] || continue
         echo "---- last lines of $f" >&2
-        tail -n 15 "$f" >&2
+        tail -n 10 "$f" >&2
     done
     echo "slurm-up: fix the cause, then 'make slurm-down && make slurm-up' starts from scratch" >&2
+    exit 1
+}
+
+# refuse MESSAGE: nothing is wrong with the daemons, the request is; exit 1.
+refuse() {
+    echo "slurm-up: ERROR: $*" >&2
     exit 1
 }
 
@@ -103,7 +109,7 @@ any_daemon_alive() {
 write_configs() {
     local recorded
     if [[ -s $LOCAL/port_base ]] && recorded=$(<"$LOCAL/port_base") && [[ $recorded != "$PORT_BASE" ]]; then
-        fail "$LOCAL was made with SENET_SLURM_PORT_BASE=$recorded, not $PORT_BASE; run 'make slurm-down' first or use $recorded"
+        refuse "$LOCAL was made with SENET_SLURM_PORT_BASE=$recorded, not $PORT_BASE; run 'make slurm-down' first or use $recorded"
     fi
     echo "$PORT_BASE" >"$LOCAL/port_base"
     [[ -s $LOCAL/etc/db.pass ]] || (umask 077 && od -An -N12 -tx1 /dev/urandom | tr -d ' \n' >"$LOCAL/etc/db.pass")
@@ -119,7 +125,7 @@ write_configs() {
     done
     if (( changed )) && any_daemon_alive; then
         rm -rf "$new"
-        fail "the cluster runs with an older config; run 'make slurm-down && make slurm-up' to apply the new one"
+        refuse "the cluster runs with an older config; run 'make slurm-down && make slurm-up' to apply the new one"
     fi
     mv -f "$new"/* "$LOCAL/etc/" && rmdir "$new"
     chmod 600 "$LOCAL/etc/slurmdbd.conf"  # slurmdbd refuses a config others can read
@@ -209,18 +215,18 @@ wait_for_nodes() {
 }
 
 main() {
-    (( EUID == 0 )) || { echo "slurm-up: run as root (it starts daemons and edits /etc/hosts)" >&2; exit 1; }
+    (( EUID == 0 )) || refuse "run as root: it starts daemons and edits /etc/hosts"
     export SLURM_CONF=$SLURM_CONF_FILE
-    if [[ -s $LOCAL/env ]] && munge_works && ! any_daemon_missing && nodes_ready; then
+    local start=$SECONDS
+    mkdir -p "$LOCAL"/{etc,state,spool,dev} "$RUN" "$LOG"
+    write_configs  # fails if the running cluster has another config
+    if munge_works && ! any_daemon_missing && nodes_ready; then
         log "already up (cluster $CLUSTER); source $LOCAL/env"
         return 0
     fi
-    local start=$SECONDS
-    mkdir -p "$LOCAL"/{etc,state,spool,dev} "$RUN" "$LOG"
     install_packages
     add_hosts
     start_munge
-    write_configs
     start_mariadb
     start_slurmdbd
     start_slurmctld

@@ -1,0 +1,133 @@
+"""The local Slurm cluster of slurm/cluster/ (design.md §5): nodes, accounting, submitit, preemption.
+
+`make slurm-up` starts it (or finds it up) and it stays up for later test modules; `make slurm-down`
+stops and wipes it. Needs root, like the Makefile targets.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import submitit
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_FILE = ROOT / ".slurm-local" / "env"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The `export NAME=value` lines of a shell file, as a dict."""
+    env = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            env[name] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    """Start the cluster (idempotent), export its environment for this module, and leave it up."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (it starts daemons); run the tests as root")
+    started = subprocess.run(["make", "-s", "slurm-up"], cwd=ROOT, capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"make slurm-up failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
+    cluster_env = read_env_file(ENV_FILE)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in cluster_env.items():
+            mp.setenv(name, value)  # submitit calls sbatch/sacct with os.environ
+        yield cluster_env
+
+
+def slurm(*args: str) -> str:
+    """Run a Slurm client command and return its stdout."""
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` every 0.2 s; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def job_state(job_id: str) -> str:
+    """The state squeue reports, or '' once the job has left the queue."""
+    return slurm("squeue", "-h", "-j", job_id, "-o", "%T").strip()
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """Accounting states of each run of the job's allocation, oldest first (requeues included)."""
+    return slurm("sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id, "-o", "State").split()
+
+
+def test_two_idle_nodes_with_eight_gpus(cluster: dict[str, str]) -> None:
+    lines = set(slurm("sinfo", "-N", "-h", "-o", "%N %t %G %c").splitlines())  # a line per partition
+    assert lines == {"node1 idle gpu:8 16", "node2 idle gpu:8 16"}
+    partitions = set(slurm("sinfo", "-h", "-o", "%P").split())
+    assert partitions == {"debug*", "urgent"}
+
+
+def test_sbatch_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "job.out"
+    job_id = slurm("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", "--gres=gpu:2",
+                   f"--output={out}", "--wrap",
+                   "srun bash -c 'echo $SLURMD_NODENAME $SLURM_PROCID $CUDA_VISIBLE_DEVICES'").strip()
+    wait_until(lambda: job_state(job_id) == "", 30, f"job {job_id} leaving the queue")
+    wait_until(lambda: sacct_states(job_id) == ["COMPLETED"], 10, f"sacct reporting job {job_id} COMPLETED")
+    tasks = sorted(out.read_text().splitlines(), key=lambda line: int(line.split()[1]))
+    assert tasks == ["node1 0 0,1", "node1 1 0,1", "node2 2 0,1", "node2 3 0,1"]
+
+
+def test_submitit_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Path) -> None:
+    # Defined here so cloudpickle sends it by value: the job cannot import this test module.
+    def where_am_i() -> tuple[str, str, str]:
+        import os
+        import socket
+
+        import submitit
+
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # MASTER_ADDR is the first node's name: it must resolve, or gloo/NCCL hang for 60 s.
+        return os.environ["SLURMD_NODENAME"], os.environ["RANK"], socket.gethostbyname(env.master_addr)
+
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor.update_parameters(nodes=2, tasks_per_node=2, timeout_min=5)
+    job = executor.submit(where_am_i)
+    wait_until(job.done, 30, f"submitit job {job.job_id} finishing")
+    assert job.results() == [("node1", "0", "127.0.0.1"), ("node1", "1", "127.0.0.1"),
+                             ("node2", "2", "127.0.0.1"), ("node2", "3", "127.0.0.1")]
+
+
+# Each run logs its restart count; USR2 (its --signal, sent at preemption) and the SIGTERM that
+# follows GraceTime later are logged too. The second run finishes at once.
+PREEMPTIBLE_JOB = """#!/bin/bash
+echo "start ${SLURM_RESTART_COUNT:-0}" >> "$LOG"
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && exit 0
+trap 'echo USR2 >> "$LOG"' USR2
+trap 'echo TERM >> "$LOG"; exit 143' TERM
+for _ in $(seq 600); do sleep 0.1; done
+"""
+
+
+def test_urgent_job_preempts_and_requeues_debug_job(cluster: dict[str, str], tmp_path: Path) -> None:
+    log, script = tmp_path / "runs.log", tmp_path / "preemptible.sh"
+    script.write_text(PREEMPTIBLE_JOB)
+    low = slurm("sbatch", "--parsable", "--partition=debug", "--nodes=2", "--exclusive", "--signal=B:USR2@60",
+                f"--export=ALL,LOG={log}", "--output=/dev/null", str(script)).strip()
+    wait_until(lambda: log.exists(), 20, f"debug job {low} starting")
+    high = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
+                 "--wrap", "true").strip()
+    wait_until(lambda: job_state(high) == "" and job_state(low) == "", 45, f"jobs {low} and {high} finishing")
+
+    assert log.read_text().split() == ["start", "0", "USR2", "TERM", "start", "1"]
+    assert "Restarts=1" in slurm("scontrol", "show", "job", low)
+    wait_until(lambda: sacct_states(low) == ["PREEMPTED", "COMPLETED"], 10, f"sacct showing job {low} requeued")
