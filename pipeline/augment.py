@@ -172,6 +172,12 @@ def warp_geometry(d: Draw, width: int, height: int, out_size: int) -> tuple[np.n
     return np.array([y0, x0], np.int32), np.array([y1 - y0, x1 - x0], np.int32), matrix
 
 
+def colour_params(d: Draw, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """`colour_transform` packed as one float32 (3, 5) array [M | t0 | v], one per sample for the graph."""
+    m, t0, v = colour_transform(d, mean, std)
+    return np.concatenate([m, t0[:, None], v[:, None]], axis=1)
+
+
 def colour_transform(d: Draw, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Brightness, contrast, saturation, hue and normalisation as ``M @ rgb + t0 + v * gray_mean``.
 

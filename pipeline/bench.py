@@ -68,7 +68,7 @@ class _CropFlipSource:
         self.inner = inner
 
     def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
-        jpeg, label, anchor, shape, matrix, *_ = self.inner(info)
+        jpeg, label, anchor, shape, matrix, *_ = self.inner(info)  # colour off: no colour outputs
         return jpeg, anchor, shape, np.array(matrix[0, 0] < 0, dtype=np.int32)
 
 
@@ -77,7 +77,7 @@ def stage_pipeline(source: Any, stage: str, decoder: dict[str, Any], crop_size: 
                    parallel: bool):
     """The graph of one bench stage (read, decode or crop_flip)."""
     if stage == "read":
-        return fn.external_source(source=source, num_outputs=10, batch=False, parallel=parallel)[0]
+        return tuple(fn.external_source(source=source, num_outputs=len(source.outputs), batch=False, parallel=parallel))
     jpegs, anchor, shape, mirror = fn.external_source(source=_CropFlipSource(source), num_outputs=4, batch=False,
                                                       parallel=parallel)
     if stage == "decode":
@@ -111,7 +111,7 @@ def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSp
     sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
     flat = replace(aug, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     source = TrainSource(str(index.root), index.files, index.labels, sampler, flat, spec.crop_size, spec.seed, 0, 0,
-                         spec.batch_size, colour_on=False)
+                         spec.batch_size)
     pipe = stage_pipeline(source=source, stage=stage, decoder=decoder_options(spec.device, 0),
                           crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, parallel=spec.py_workers > 0,
                           batch_size=spec.batch_size, num_threads=spec.threads, prefetch_queue_depth=2,

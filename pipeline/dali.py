@@ -5,12 +5,16 @@ the image size from the header and draws the sample's augmentation on the host (
 so the graph only executes per-sample arguments:
 
     bytes -> decode only the needed region (image_slice) -> ONE warp_affine (crop + scale + rotate +
-    flip, straight to float) -> ONE coord_transform (brightness, contrast, saturation, hue and the
-    normalisation as a 3x4 colour matrix) -> crop_mirror_normalize as a cast/transpose to fp16/NCHW.
+    flip) to float HWC;  per sample also the packed colour matrix [M | t0 | v] (3 x 5)
 
-Measured on 2 CPU cores (benchmarks/RESULTS_input.md): warp_affine is ~2x cheaper with float output
-and clamped borders than with uint8 output and a fill value, and the colour matrix costs about one
-extra light pass, where color_twist/hsv on uint8 and a separate rotate each cost about a decode.
+and the loader applies brightness, contrast, saturation, hue, the normalisation, the layout and the
+dtype as ONE batched matrix product after the iterator (pipeline.loader.apply_colour).
+
+Measured on 2 CPU cores, one DALI thread, per image (benchmarks/RESULTS_input.md): warp_affine to
+float with clamped borders ~0.7 ms (to uint8: 1.3 ms; a fill value costs ~25 % more); DALI's
+coord_transform ~0.6 ms plus crop_mirror_normalize ~0.45 ms for the colour matrix and the fp16/CHW
+cast, where torch's baddbmm over the batch does all of it in ~0.35 ms; color_twist ~1.2 ms; an
+antialiased resize + crop_mirror_normalize (the crop_flip reference) ~1.7 ms.
 
 Eval: decode -> resize the short side to crop/ratio (antialiased) -> centre crop, or ten crops (4
 corners + centre, and their mirrors), normalised.
@@ -29,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, LUMA, AugmentSpec, colour_transform, draw, warp_geometry
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, colour_params, draw, warp_geometry
 
 DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
@@ -121,7 +125,6 @@ class TrainSource:
     start: int
     batch_size: int
     bad: frozenset = frozenset()  # dataset indices known to be undecodable
-    colour_on: bool = True
     owner_pid: int = 0  # the loader's process; a worker is any other
 
     def __post_init__(self) -> None:
@@ -131,6 +134,8 @@ class TrainSource:
         """Samples of this rank in DALI epoch j: whole batches from the start point."""
         start = self.start if dali_epoch == 0 else 0
         return (len(self.sampler) - start) // self.batch_size * self.batch_size
+
+    outputs = ("jpeg", "label", "anchor", "shape", "matrix", "colour", "replaced", "position")
 
     def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
         _die_with_parent(self.owner_pid)
@@ -143,14 +148,13 @@ class TrainSource:
         data, size, used = self._read(index, epoch, position)
         d = draw(self.aug, self.seed, epoch, position, *size)
         anchor, shape, matrix = warp_geometry(d, *size, self.crop_size)
-        m, t0, v = colour_transform(d)
-        return (np.frombuffer(data, dtype=np.uint8), np.array([self.labels[index]], np.int64), anchor, shape,
-                matrix, m, t0, v, np.array([index if used != index else -1], np.int64),
+        return (np.frombuffer(data, dtype=np.uint8), np.array([self.labels[index]], np.int64), anchor, shape, matrix,
+                colour_params(d), np.array([index if used != index else -1], np.int64),
                 np.array([position], np.int64))
 
     def _read(self, index: int, epoch: int, position: int) -> tuple[bytes, tuple[int, int], int]:
         """The file's bytes and size, or a same-class stand-in chosen by (seed, epoch, position)."""
-        members = np.flatnonzero(self.labels == self.labels[index])
+        members = None
         for attempt in range(16):
             data = b""
             if index not in self.bad:
@@ -158,6 +162,8 @@ class TrainSource:
             size = image_size(data) if looks_complete(data) else None
             if size is not None:
                 return data, size, index
+            if members is None:  # only for bad files: a scan of all labels
+                members = np.flatnonzero(self.labels == self.labels[index])
             rng = np.random.default_rng((self.seed, epoch, position, 1 + attempt))
             index = int(members[rng.integers(len(members))])
         return _blank_jpeg(), (8, 8), -2  # a whole class of bad files: a blank image keeps the job alive
@@ -233,34 +239,18 @@ def _normalize(images, dtype: str, layout: str, mean=IMAGENET_MEAN, std=IMAGENET
 
 
 @pipeline_def
-def train_pipeline(source: TrainSource, device: str, decoder: dict[str, Any], crop_size: int, dtype: str,
-                   layout: str, parallel: bool, contrast: bool):
-    """Training graph; outputs images, labels, replaced (dataset index of a bad file or -1), positions."""
-    jpegs, labels, anchor, shape, matrix, colour_m, colour_t, colour_v, replaced, positions = fn.external_source(
-        source=source, num_outputs=10, batch=False, parallel=parallel)
-    # Decode only the crop's region (libjpeg-turbo and nvJPEG skip the rest); EXIF orientation is
-    # ignored because the host measured the crop in the stored (SOF) orientation.
-    images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", output_type=types.RGB,
+def train_pipeline(source: TrainSource, decoder: dict[str, Any], crop_size: int, parallel: bool):
+    """Training graph: warped float HWC images, labels, colour params, replaced (bad file or -1), positions."""
+    nodes = fn.external_source(source=source, num_outputs=len(source.outputs), batch=False, parallel=parallel)
+    x = dict(zip(source.outputs, nodes))
+    # Decode only the region the warp reads (libjpeg-turbo and nvJPEG skip the rest); EXIF orientation
+    # is ignored because the host measured the crop in the stored (SOF) orientation.
+    images = fn.decoders.image_slice(x["jpeg"], x["anchor"], x["shape"], axis_names="HW", output_type=types.RGB,
                                      adjust_orientation=False, **decoder)
     # Crop + scale + rotation + flip in one bilinear pass; float output and clamped borders are the
-    # fast path of the CPU kernel (a fill value costs ~25 % more, uint8 output ~15 %).
-    images = fn.warp_affine(images, matrix=matrix, size=[crop_size, crop_size], dtype=types.FLOAT)
-    if source.colour_on:
-        if contrast:  # contrast pivots on the luma mean of each image
-            means = fn.reductions.mean(images, axes=[0, 1])
-            gray = means[0] * float(LUMA[0]) + means[1] * float(LUMA[1]) + means[2] * float(LUMA[2])
-            if device == "gpu":  # argument inputs live on the CPU: add the pivot term on the GPU
-                images = fn.coord_transform(images, M=colour_m, T=colour_t)
-                images = images + fn.reshape(colour_v * gray, shape=[1, 1, 3])
-            else:
-                images = fn.coord_transform(images, M=colour_m, T=colour_t + colour_v * gray)
-        else:
-            images = fn.coord_transform(images, M=colour_m, T=colour_t)
-        if not (dtype == "float32" and layout == "NHWC"):
-            images = _normalize(images, dtype, layout, mean=(0.0,), std=(1.0,))
-    else:
-        images = _normalize(images, dtype, layout)
-    return images, labels, replaced, positions
+    # fast path of the CPU kernel.
+    images = fn.warp_affine(images, matrix=x["matrix"], size=[crop_size, crop_size], dtype=types.FLOAT)
+    return images, x["label"], x["colour"], x["replaced"], x["position"]
 
 
 @pipeline_def

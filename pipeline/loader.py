@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.augment import AugmentSpec
+from pipeline.augment import LUMA, AugmentSpec
 from pipeline.dali import (EvalSource, TrainSource, decoder_options, default_threads, eval_pipeline,
                            train_pipeline)
 from pipeline.datasets import ImageIndex
@@ -113,6 +113,39 @@ def _worker_signal_policy() -> Iterator[None]:
 def _start_method() -> str:
     """'fork' is cheap but unsafe once this process holds a CUDA context; 'spawn' is then used."""
     return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
+def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """Colour jitter + normalisation + layout + dtype of a batch in one batched matrix product.
+
+    Args:
+        images: (B, H, W, 3) float32 RGB on the 0-255 scale (may be DALI's buffer: only read here).
+        colour: (B, 3, 5) float32 per-sample [M | t0 | v] (pipeline.augment.colour_params):
+            out = M @ rgb + t0 + v * gray_mean, gray_mean = the image's mean luma.
+        dtype: output dtype; layout: 'NCHW' or 'NHWC' (the output's shape order).
+
+    Measured on 2 CPU cores: ~0.35 ms per 224x224 image, where DALI's coord_transform plus its
+    fp16/CHW cast cost ~1 ms; one bmm with a transposed operand writes CHW directly.
+    """
+    b, h, w, c = images.shape
+    pixels = images.reshape(b, h * w, c)
+    luma = torch.tensor(LUMA, dtype=pixels.dtype, device=pixels.device)
+    gray_mean = pixels.mean(dim=1) @ luma  # (B,): contrast pivots on it
+    m, t = colour[:, :, :3], colour[:, :, 3] + colour[:, :, 4] * gray_mean[:, None]
+    if layout == "NCHW":
+        out = torch.baddbmm(t[:, :, None], m, pixels.transpose(1, 2)).view(b, c, h, w)
+    else:
+        out = torch.baddbmm(t[:, None, :], pixels, m.transpose(1, 2)).view(b, h, w, c)
+    return out.to(dtype)
+
+
+def _as_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
+    """A DALI output batch as a torch tensor: a view of DALI's buffer on the CPU (valid until the next
+    run; only read before that), a copy on the GPU."""
+    tensor = tensor_list.as_tensor()
+    if device.type == "cpu":
+        return torch.from_numpy(np.asarray(tensor))
+    return _to_torch(tensor_list, device)
 
 
 def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
@@ -257,11 +290,9 @@ class TrainLoader:
         """(Re)build the pipeline so that it delivers (epoch, start) next."""
         self.close()
         source = TrainSource(str(self.index.root), self.index.files, self.index.labels, self.sampler, self.aug,
-                             self.crop_size, self.seed, epoch, start, self.batch_size, frozenset(self._bad),
-                             self.aug.colour_on)
+                             self.crop_size, self.seed, epoch, start, self.batch_size, frozenset(self._bad))
         pipe = train_pipeline(
-            source=source, device=self.device_kind, decoder=self._decoder, crop_size=self.crop_size,
-            dtype=self.dtype, layout=self.layout, parallel=self.py_workers > 0, contrast=self.aug.contrast > 0,
+            source=source, decoder=self._decoder, crop_size=self.crop_size, parallel=self.py_workers > 0,
             batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
             device_id=self.local_rank if self.device_kind == "gpu" else None, seed=self.seed,
             py_num_workers=max(1, self.py_workers), py_start_method=_start_method())
@@ -271,7 +302,7 @@ class TrainLoader:
     def _next_batch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         for attempt in range(MAX_REBUILDS + 1):
             try:
-                images, labels, replaced, positions = self._run.run()
+                images, labels, colour, replaced, positions = self._run.run()
                 break
             except RuntimeError as error:  # a file the screen let through killed the pipeline
                 if attempt == MAX_REBUILDS or not self._find_bad_files(epoch, str(error)):
@@ -279,7 +310,10 @@ class TrainLoader:
                 self.stats["rebuilds"] += 1
                 self._open(epoch, self._consumed)
         self._note_replaced(np.array(replaced.as_tensor()).ravel(), np.array(positions.as_tensor()).ravel(), epoch)
-        return _to_torch(images, self.device), torch.from_numpy(np.array(labels.as_tensor()).reshape(-1))
+        colour = torch.from_numpy(np.array(colour.as_tensor())).to(self.device)
+        images = apply_colour(_as_torch(images, self.device), colour, TORCH_DTYPES[self.dtype], self.layout)
+        labels = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)).to(self.device, non_blocking=True)
+        return images, labels
 
     def _end_epoch(self, epoch: int) -> None:
         """Consume the pipeline's end-of-epoch signal so that it is ready for the next epoch."""

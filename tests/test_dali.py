@@ -151,3 +151,4 @@ def test_eval_centre_and_ten_crop(crafted_index: ImageIndex) -> None:
         x, labels, _ = next(iter(loader))
     assert x.shape == (3, 10, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 0]
     np.testing.assert_allclose(x[:, 5:].numpy(), x[:, :5].flip(-1).numpy(), atol=1e-5)  # mirrors of the five
+

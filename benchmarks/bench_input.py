@@ -1,0 +1,103 @@
+"""Input pipeline throughput on ImageNet-like JPEGs: DALI stages vs the PIL DataLoader baseline.
+
+    python benchmarks/bench_input.py [--data DIR] [--rounds 3] [--batches 100] [--threads 2] [--json F]
+
+Writes (once) a tree of ~500x375 quality-90 JPEGs (pipeline.synthetic's renderer, 80 % landscape,
+20 % portrait, as ImageNet), then measures each stage ROUNDS times, interleaved (read, decode,
+crop_flip, full, baseline, read, ...), so that load from other processes on a shared machine hits
+all of them alike; it reports the median of each and the ratios computed within each round.
+Never asserts: the numbers go to benchmarks/RESULTS_input.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.bench import STAGES, BenchSpec, measure_baseline, measure_stage
+from pipeline.datasets import index_train
+from pipeline.synthetic import JPEG_QUALITY, class_looks, encode, render
+
+SIZES = ((500, 375), (375, 500))  # ImageNet's most common landscape and portrait shapes
+
+
+def _write_class(job: tuple[str, int, int, object]) -> None:
+    folder, c, per_class, look = job
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in range(per_class):
+        rng = np.random.default_rng((c, n))
+        img = render(look, rng, 300, 400).resize(SIZES[int(rng.random() < 0.2)], Image.BILINEAR)
+        (out / f"{out.name}_{n + 1}.JPEG").write_bytes(encode(img))  # quality JPEG_QUALITY
+
+
+def make_imagenet_like(root: Path, classes: int, per_class: int) -> Path:
+    """A folder of `classes` class folders with `per_class` ~500x375 JPEGs each (kept between runs)."""
+    done = root / "done.txt"
+    if done.exists():
+        return root
+    looks = class_looks(classes)
+    jobs = [(str(root / "train" / f"n{c:08d}"), c, per_class, looks[c]) for c in range(classes)]
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_write_class, jobs))
+    done.write_text(f"{classes} classes x {per_class} images, quality {JPEG_QUALITY}\n")
+    return root
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.SubprocessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="/tmp/senet-bench-input")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--per-class", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--py-workers", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    index = index_train(make_imagenet_like(Path(args.data), args.classes, args.per_class))
+    spec = BenchSpec(device=args.device, batch_size=args.batch_size, threads=args.threads, py_workers=args.py_workers,
+                     batches=args.batches)
+    names = args.stages.split(",") + ([] if args.no_baseline else ["baseline"])
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names:
+            value = measure_baseline(index, spec) if name == "baseline" else measure_stage(index, name, spec)
+            runs[name].append(value)
+            print(f"round {r + 1}: {name:10s} {value:8.0f} images/s", flush=True)
+    ratios: dict[str, list[float]] = {}
+    if "full" in runs and "crop_flip" in runs:
+        ratios["full / crop_flip"] = [f / c for f, c in zip(runs["full"], runs["crop_flip"])]
+    if "full" in runs and "baseline" in runs:
+        ratios["full / baseline"] = [f / b for f, b in zip(runs["full"], runs["baseline"])]
+    result = {"machine": cpu_model(), "cpus": len(__import__("os").sched_getaffinity(0)), "images": len(index),
+              "spec": vars(spec) if hasattr(spec, "__dict__") else str(spec), "runs": runs, "ratios": ratios,
+              "median": {k: statistics.median(v) for k, v in runs.items()},
+              "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}
+    print(json.dumps({k: result[k] for k in ("machine", "median", "median_ratio")}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
