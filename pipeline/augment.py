@@ -29,6 +29,10 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as PIL's and torchvision's grayscale
 CROP_TRIES = 10  # RandomResizedCrop's attempts before falling back to a centre crop
+# A bilinear warp aliases when it shrinks by more than ~2x (it reads 2x2 pixels per output pixel);
+# such regions are first resized with an antialiasing filter so that the warp shrinks by <= 1.5x.
+ALIAS_FREE_SHRINK = 2.0
+PRESCALE_SHRINK = 1.5
 _UNIFORMS = 4 * CROP_TRIES + 6  # uniforms drawn per sample: crop tries, flip, angle, 4 colour factors
 # YIQ <-> RGB, for the hue rotation (DALI's and torchvision-like hue shifts rotate chroma this way).
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -146,13 +150,15 @@ def _crop_box(spec: AugmentSpec, u: np.ndarray, width: int, height: int) -> tupl
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def warp_geometry(d: Draw, width: int, height: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The region to decode and the matrix taking output pixels to it.
+def warp_geometry(d: Draw, width: int, height: int, out_size: int) -> dict[str, np.ndarray]:
+    """The region to decode, an optional antialiased pre-resize of it, and the warp matrix.
 
     Returns:
-        anchor (y, x) and shape (h, w) of the region, int32, inside the image; and the 2x3 float32
-        destination-to-source matrix of DALI's warp_affine (continuous coordinates, [0, 0] = the
-        first pixel's corner) in the region's coordinates. Flip, scale and rotation are all in it.
+        anchor (y, x) and shape (h, w) of the region, int32, inside the image; prescale (bool) and
+        pre_size (h, w, float32: the region's size after the pre-resize, its own size when none);
+        matrix: the 2x3 float32 destination-to-source matrix of DALI's warp_affine (continuous
+        coordinates, [0, 0] = the first pixel's corner) into the (pre-resized) region. Flip, scale
+        and rotation are all in it.
     """
     a = math.radians(d.angle)
     cos, sin = math.cos(a), math.sin(a)
@@ -168,8 +174,17 @@ def warp_geometry(d: Draw, width: int, height: int, out_size: int) -> tuple[np.n
     x1 = min(width, math.ceil(cx + corners[0].max()) + 1)
     y1 = min(height, math.ceil(cy + corners[1].max()) + 1)
     offset = np.array([cx - x0, cy - y0]) - lin @ half
-    matrix = np.concatenate([lin, offset[:, None]], axis=1).astype(np.float32)
-    return np.array([y0, x0], np.int32), np.array([y1 - y0, x1 - x0], np.int32), matrix
+    matrix = np.concatenate([lin, offset[:, None]], axis=1)
+    shape = np.array([y1 - y0, x1 - x0])
+    shrink = max(d.w, d.h) / out_size
+    prescale = shrink > ALIAS_FREE_SHRINK
+    pre_size = shape.astype(np.float64)
+    if prescale:
+        pre_size = np.maximum(1.0, np.round(shape * (PRESCALE_SHRINK / shrink)))
+        matrix = matrix * (pre_size[::-1] / shape[::-1])[:, None]  # rows: x scales by w'/w, y by h'/h
+    return {"anchor": np.array([y0, x0], np.int32), "shape": shape.astype(np.int32),
+            "prescale": np.array(prescale), "pre_size": pre_size.astype(np.float32),
+            "matrix": matrix.astype(np.float32)}
 
 
 def colour_params(d: Draw, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:

@@ -68,8 +68,8 @@ class _CropFlipSource:
         self.inner = inner
 
     def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
-        jpeg, label, anchor, shape, matrix, *_ = self.inner(info)  # colour off: no colour outputs
-        return jpeg, anchor, shape, np.array(matrix[0, 0] < 0, dtype=np.int32)
+        out = dict(zip(self.inner.outputs, self.inner(info)))
+        return out["jpeg"], out["anchor"], out["shape"], np.array(out["matrix"][0, 0] < 0, dtype=np.int32)
 
 
 @pipeline_def

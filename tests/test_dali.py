@@ -116,11 +116,24 @@ def test_crop_boxes_follow_random_resized_crop() -> None:
         d = draw(spec, 0, 0, p, w, h)
         assert 0 <= d.x and d.x + d.w <= w and 0 <= d.y and d.y + d.h <= h
         assert 0.08 * w * h * 0.9 <= d.w * d.h <= w * h
-        anchor, shape, matrix = warp_geometry(d, w, h, 224)
+        g = warp_geometry(d, w, h, 224)
+        anchor, shape = g["anchor"], g["shape"]
         assert (anchor >= 0).all() and anchor[0] + shape[0] <= h and anchor[1] + shape[1] <= w
+        assert bool(g["prescale"]) == (max(d.w, d.h) > 2 * 224)
     fallback = draw(replace(spec, min_area=1.0, max_area=1.0), 0, 0, 0, 400, 100)  # no 4:3 crop fits
     assert (fallback.w, fallback.h) == (133, 100) and fallback.x == (400 - 133) // 2
     assert draw(spec, 0, 1, 7, 500, 375) == draw(spec, 0, 1, 7, 500, 375) != draw(spec, 0, 2, 7, 500, 375)
+
+
+def test_large_shrink_is_antialiased(tmp_path: Path) -> None:
+    """A crop 8x the output: the warp alone would point-sample noise; the pre-resize averages it."""
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(noise).save(tmp_path / "a" / "noise.JPEG", quality=95)
+    index = ImageIndex(tmp_path, ("a/noise.JPEG",) * 4, np.zeros(4, np.int64), ("a",))
+    out = batch(index, OFF)
+    assert out.std() < 0.25 * noise.std()
+    assert abs(out.mean() - noise.mean()) < 4
 
 
 def test_spec_validation_names_the_field() -> None:
