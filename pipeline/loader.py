@@ -115,7 +115,8 @@ def _start_method() -> str:
     return "spawn" if torch.cuda.is_initialized() else "fork"
 
 
-def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
+def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype, layout: str,
+                 work: torch.Tensor | None = None) -> torch.Tensor:
     """Colour jitter + normalisation + layout + dtype of a batch in one batched matrix product.
 
     Args:
@@ -123,6 +124,11 @@ def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype,
         colour: (B, 3, 5) float32 per-sample [M | t0 | v] (pipeline.augment.colour_params):
             out = M @ rgb + t0 + v * gray_mean, gray_mean = the image's mean luma.
         dtype: output dtype; layout: 'NCHW' or 'NHWC' (the output's shape order).
+        work: optional float32 scratch of B * H * W * 3 elements, reused between batches when the
+            output is cast to another dtype (saves allocating and faulting in 40 MB per batch).
+
+    Returns:
+        A new tensor (B, 3, H, W) or (B, H, W, 3) of `dtype`.
 
     Measured on 2 CPU cores: ~0.35 ms per 224x224 image, where DALI's coord_transform plus its
     fp16/CHW cast cost ~1 ms; one bmm with a transposed operand writes CHW directly.
@@ -130,12 +136,18 @@ def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype,
     b, h, w, c = images.shape
     pixels = images.reshape(b, h * w, c)
     luma = torch.tensor(LUMA, dtype=pixels.dtype, device=pixels.device)
-    gray_mean = pixels.mean(dim=1) @ luma  # (B,): contrast pivots on it
+    # Contrast pivots on the mean luma; every 5th pixel (10,035 of a 224x224 image; 5 is coprime with
+    # the width, so the samples do not stack in columns) gives it to well under a grey level, at a
+    # fifth of the cost of a full pass.
+    gray_mean = pixels[:, ::5].mean(dim=1) @ luma
     m, t = colour[:, :, :3], colour[:, :, 3] + colour[:, :, 4] * gray_mean[:, None]
+    out = None
+    if dtype != images.dtype and work is not None and work.numel() == images.numel():
+        out = work.view(b, c, h * w) if layout == "NCHW" else work.view(b, h * w, c)
     if layout == "NCHW":
-        out = torch.baddbmm(t[:, :, None], m, pixels.transpose(1, 2)).view(b, c, h, w)
+        out = torch.baddbmm(t[:, :, None], m, pixels.transpose(1, 2), out=out).view(b, c, h, w)
     else:
-        out = torch.baddbmm(t[:, None, :], pixels, m.transpose(1, 2)).view(b, h, w, c)
+        out = torch.baddbmm(t[:, None, :], pixels, m.transpose(1, 2), out=out).view(b, h, w, c)
     return out.to(dtype)
 
 
@@ -222,6 +234,7 @@ class TrainLoader:
         self._bad: set[int] = set()
         self._epoch, self._start, self._consumed = 0, 0, 0
         self._run: _DaliProcesses | None = None
+        self._work: torch.Tensor | None = None  # apply_colour's scratch
         self._run_next: tuple[int, int] | None = None  # (epoch, sample) the pipeline delivers next
         self._decoder = decoder_options(device, local_rank)
         self._open(0, 0)  # workers start now, before the caller initialises CUDA
@@ -311,7 +324,10 @@ class TrainLoader:
                 self._open(epoch, self._consumed)
         self._note_replaced(np.array(replaced.as_tensor()).ravel(), np.array(positions.as_tensor()).ravel(), epoch)
         colour = torch.from_numpy(np.array(colour.as_tensor())).to(self.device)
-        images = apply_colour(_as_torch(images, self.device), colour, TORCH_DTYPES[self.dtype], self.layout)
+        images = _as_torch(images, self.device)
+        if self._work is None or self._work.device != images.device or self._work.numel() != images.numel():
+            self._work = torch.empty(images.numel(), dtype=torch.float32, device=images.device)
+        images = apply_colour(images, colour, TORCH_DTYPES[self.dtype], self.layout, self._work)
         labels = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)).to(self.device, non_blocking=True)
         return images, labels
 
