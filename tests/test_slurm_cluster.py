@@ -70,8 +70,14 @@ def sacct_states(job_id: str) -> list[str]:
 
 
 def test_two_idle_nodes_with_eight_gpus(cluster: dict[str, str]) -> None:
-    lines = set(slurm("sinfo", "-N", "-h", "-o", "%N %t %G %c").splitlines())  # a line per partition
-    assert lines == {"node1 idle gpu:8 16", "node2 idle gpu:8 16"}
+    def nodes() -> set[str]:
+        return set(slurm("sinfo", "-N", "-h", "-o", "%N %t %G %c").splitlines())  # a line per partition
+
+    expected = {"node1 idle gpu:8 16", "node2 idle gpu:8 16"}
+    deadline = time.monotonic() + 20  # jobs of an earlier test module may still be ending
+    while nodes() != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert nodes() == expected
     partitions = set(slurm("sinfo", "-h", "-o", "%P").split())
     assert partitions == {"debug*", "urgent"}
 

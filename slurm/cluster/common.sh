@@ -27,17 +27,20 @@ SLURM_CONF_FILE=$LOCAL/etc/slurm.conf
 # Present only while a munged started by up.sh runs; shared, so the last checkout to go down stops it.
 MUNGE_MARK=/run/munge/started-by-senet
 
-# running PID: the process exists and is not a zombie. PID 1 here reaps orphans only now and then,
-# and `kill -0` succeeds on a zombie.
+# running PID [NAME]: the process exists, is not a zombie (PID 1 here reaps orphans only now and
+# then, and `kill -0` succeeds on a zombie) and, given NAME, is that program (pids get reused).
 running() {
-    local state
-    state=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $state != Z* ]]
+    local stat comm
+    read -r stat comm < <(ps -o stat=,comm= -p "$1" 2>/dev/null) || return 1
+    [[ $stat != Z* && ( -z ${2:-} || $comm == "$2" ) ]]
 }
 
-# pid_alive FILE: the pid in FILE names a running process.
+# pid_alive FILE: the pid in FILE names a running process of the program the file is named after
+# (slurmd-node1.pid: slurmd).
 pid_alive() {
-    local pid
-    [[ -s $1 ]] && pid=$(<"$1") && [[ $pid =~ ^[0-9]+$ ]] && running "$pid"
+    local pid name
+    name=$(basename "$1" .pid)
+    [[ -s $1 ]] && pid=$(<"$1") && [[ $pid =~ ^[0-9]+$ ]] && running "$pid" "${name%%-*}"
 }
 
 # stop_pids SECONDS PID...: SIGTERM them all, wait for all to exit, SIGKILL what is left after SECONDS.

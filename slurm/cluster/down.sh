@@ -63,12 +63,18 @@ cancel_jobs() {
 }
 
 # Other checkouts' clusters share the system munged.
-other_slurm_daemons() { pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x slurmdbd >/dev/null; }
+# Zombies do not count: ours linger a moment until pid 1 reaps them.
+other_slurm_daemons() {
+    ps -eo stat=,comm= | awk '$1 !~ /^Z/ && ($2 == "slurmctld" || $2 == "slurmd" || $2 == "slurmdbd") { found = 1 }
+                              END { exit !found }'
+}
 
 main() {
     (( EUID == 0 )) || { echo "slurm-down: run as root" >&2; exit 1; }
     export SLURM_CONF=$SLURM_CONF_FILE
     [[ -d $LOCAL ]] || { log "nothing to stop ($LOCAL does not exist)"; return 0; }
+    exec 9<"$LOCAL"
+    flock -w 60 9 || log "WARNING: $LOCAL is still locked by a slurm-up after 60 s; stopping anyway"
     cancel_jobs
     stop "$RUN"/slurmd-*.pid "$RUN"/slurmctld.pid "$RUN"/slurmdbd.pid "$RUN"/mariadbd.pid
     stop_orphan_steps

@@ -3,11 +3,15 @@
 # slurmd "nodes" (node1, node2; 16 pretended CPUs and 8 fake GPUs each), all under .slurm-local/.
 # Idempotent: whatever already runs is kept; returns once both nodes answer, or fails with log tails.
 # Then `source .slurm-local/env` to use sinfo, sbatch, sacct... Stop and wipe it with down.sh.
-# Needs root (daemons, apt-get, /etc/hosts). Facts behind each choice: docs design.md §5.
+# Needs root (daemons, apt-get, /etc/hosts). The facts behind each choice: design.md §5.
+# Environment: SENET_SLURM_PORT_BASE (default 16817; 5 ports from there, see common.sh),
+# SENET_SLURM_DIR (default .slurm-local), SENET_SLURM_TIMEOUT (60 s), SENET_SLURM_GRACE_TIME (10 s).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
+# eatmydata turns fsync into a no-op for MariaDB: the database is wiped with the cluster anyway, and its
+# ~1000 fsyncs while creating tables took 1.5-4 s of a 3-9 s start on this disk (0.5 s without).
+PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server eatmydata)
 READY_TIMEOUT=${SENET_SLURM_TIMEOUT:-60}   # seconds for each daemon and for the nodes
 GRACE_TIME=${SENET_SLURM_GRACE_TIME:-10}   # seconds a preempted job has to checkpoint
 DB_SOCKET=$RUN/mariadb.sock
@@ -19,7 +23,7 @@ log() { echo "slurm-up: $*"; }
 fail() {
     echo "slurm-up: ERROR: $*" >&2
     local f
-    for f in "$LOG"/*.log; do
+    for f in "$LOG"/*.log "$LOG"/*.out; do  # *.out: what a daemon printed before its log was open
         [[ -s $f && $f != */mariadb-install.log ]] || continue
         echo "---- last lines of $f" >&2
         tail -n 10 "$f" >&2
@@ -56,11 +60,12 @@ install_packages() {
     if [[ ! -e $policy ]]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && ours=1
     fi
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
-        >"$LOCAL/apt.log" 2>&1 || { tail -n 20 "$LOCAL/apt.log" >&2; fail "apt-get install failed"; }
+    local rc=0
+    { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+        >"$LOCAL/apt.log" 2>&1 || rc=$?
     (( ours )) && rm -f "$policy"
-    return 0
+    (( rc == 0 )) || { tail -n 20 "$LOCAL/apt.log" >&2; refuse "apt-get install ${missing[*]} failed (exit $rc; log: $LOCAL/apt.log)"; }
 }
 
 # Node names must resolve: submitit uses the first one as MASTER_ADDR (gloo hangs 60 s otherwise).
@@ -83,7 +88,7 @@ start_munge() {
     [[ -s /etc/munge/munge.key ]] || runuser -u munge -- mungekey --create >/dev/null
     # As root with the default paths munged refuses to run ("insecure logfile").
     install -d -o munge -g munge -m 0755 /run/munge
-    runuser -u munge -- /usr/sbin/munged </dev/null >>"$LOG/munged.out" 2>&1
+    runuser -u munge -- /usr/sbin/munged 9<&- </dev/null >>"$LOG/munged.out" 2>&1
     touch "$MUNGE_MARK"
     wait_for "$READY_TIMEOUT" "munged answering" munge_works
 }
@@ -91,7 +96,7 @@ start_munge() {
 # render TEMPLATE OUT: replace @NAME@ with $NAME for each name used below.
 render() {
     local name args=()
-    for name in CLUSTER HOSTNAME CTLD_PORT NODE1_PORT NODE2_PORT DBD_PORT DB_PORT DB_PASS LOCAL GRACE_TIME; do
+    for name in CLUSTER CTLD_HOST CTLD_PORT NODE1_PORT NODE2_PORT DBD_PORT DB_PORT DB_PASS LOCAL GRACE_TIME; do
         args+=(-e "s|@$name@|${!name}|g")
     done
     sed "${args[@]}" "$(dirname "${BASH_SOURCE[0]}")/$1" >"$2"
@@ -114,7 +119,7 @@ write_configs() {
     echo "$PORT_BASE" >"$LOCAL/port_base"
     [[ -s $LOCAL/etc/db.pass ]] || (umask 077 && od -An -N12 -tx1 /dev/urandom | tr -d ' \n' >"$LOCAL/etc/db.pass")
     DB_PASS=$(<"$LOCAL/etc/db.pass")
-    HOSTNAME=$(hostname -s)
+    CTLD_HOST=$(hostname -s)  # slurmctld checks that SlurmctldHost names this host
     local new=$LOCAL/etc/new changed=0 f
     mkdir -p "$new"
     render slurm.conf.in "$new/slurm.conf"
@@ -149,16 +154,16 @@ start_mariadb() {
     pid_alive "$RUN/mariadbd.pid" && return 0
     if [[ ! -d $DATADIR/mysql ]]; then
         log "creating the accounting database in $DATADIR"
-        mariadb-install-db --no-defaults --user=root --datadir="$DATADIR" --skip-test-db \
+        eatmydata mariadb-install-db --no-defaults --user=root --datadir="$DATADIR" --skip-test-db \
             --skip-name-resolve >"$LOG/mariadb-install.log" 2>&1 || fail "mariadb-install-db failed (see $LOG/mariadb-install.log)"
     fi
     log "starting mariadbd on 127.0.0.1:$DB_PORT"
     # Small buffers and no binlog: a few test jobs, started and wiped often.
-    setsid mariadbd --no-defaults --user=root --datadir="$DATADIR" --socket="$DB_SOCKET" \
+    setsid eatmydata mariadbd --no-defaults --user=root --datadir="$DATADIR" --socket="$DB_SOCKET" \
         --port="$DB_PORT" --bind-address=127.0.0.1 --pid-file="$RUN/mariadbd.pid" \
         --log-error="$LOG/mariadbd.log" --skip-name-resolve --skip-log-bin \
         --innodb-buffer-pool-size=64M --innodb-log-file-size=16M --innodb-flush-log-at-trx-commit=0 \
-        </dev/null >>"$LOG/mariadbd.log" 2>&1 &
+        9<&- </dev/null >>"$LOG/mariadbd.log" 2>&1 &
     wait_for "$READY_TIMEOUT" "mariadbd answering on $DB_SOCKET" \
         mariadb-admin --no-defaults --socket="$DB_SOCKET" -u root ping
     db -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -169,7 +174,7 @@ start_mariadb() {
 start_slurmdbd() {
     pid_alive "$RUN/slurmdbd.pid" && return 0
     log "starting slurmdbd on port $DBD_PORT"
-    slurmdbd </dev/null >>"$LOG/slurmdbd.out" 2>&1 || fail "slurmdbd did not start"
+    slurmdbd 9<&- </dev/null >>"$LOG/slurmdbd.out" 2>&1 || fail "slurmdbd did not start"
     wait_for "$READY_TIMEOUT" "slurmdbd answering" sacctmgr -n list cluster
     # slurmctld registers with accounting only if its cluster exists there.
     if [[ -z $(sacctmgr -n -P list cluster "$CLUSTER" format=cluster) ]]; then
@@ -180,7 +185,7 @@ start_slurmdbd() {
 start_slurmctld() {
     pid_alive "$RUN/slurmctld.pid" && return 0
     log "starting slurmctld on port $CTLD_PORT"
-    slurmctld </dev/null >>"$LOG/slurmctld.out" 2>&1 || fail "slurmctld did not start"
+    slurmctld 9<&- </dev/null >>"$LOG/slurmctld.out" 2>&1 || fail "slurmctld did not start"
     wait_for "$READY_TIMEOUT" "slurmctld answering (scontrol ping)" scontrol ping
 }
 
@@ -190,7 +195,7 @@ start_slurmd() {
     pid_alive "$RUN/slurmd-$node.pid" && return 0
     log "starting slurmd -N $node"
     mkdir -p "$LOCAL/spool/$node"
-    slurmd -N "$node" </dev/null >>"$LOG/slurmd-$node.out" 2>&1 || fail "slurmd -N $node did not start"
+    slurmd -N "$node" 9<&- </dev/null >>"$LOG/slurmd-$node.out" 2>&1 || fail "slurmd -N $node did not start"
 }
 
 # Every node answers and takes jobs. sinfo -N lists a node once per partition, hence sort -u.
@@ -214,18 +219,29 @@ wait_for_nodes() {
     done
 }
 
+any_daemon_missing() {
+    local f
+    for f in mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd-}"; do
+        pid_alive "$RUN/$f.pid" || return 0
+    done
+    return 1
+}
+
 main() {
     (( EUID == 0 )) || refuse "run as root: it starts daemons and edits /etc/hosts"
     export SLURM_CONF=$SLURM_CONF_FILE
     local start=$SECONDS
     mkdir -p "$LOCAL"/{etc,state,spool,dev} "$RUN" "$LOG"
+    # A second `up` at the same time waits, then finds the cluster up. Daemons must not inherit fd 9.
+    exec 9<"$LOCAL"
+    flock -w 120 9 || refuse "another slurm-up has held $LOCAL for 2 minutes"
+    add_hosts
     write_configs  # fails if the running cluster has another config
     if munge_works && ! any_daemon_missing && nodes_ready; then
         log "already up (cluster $CLUSTER); source $LOCAL/env"
         return 0
     fi
     install_packages
-    add_hosts
     start_munge
     start_mariadb
     start_slurmdbd
@@ -237,14 +253,6 @@ main() {
     wait_for_nodes
     log "up in $((SECONDS - start))s: cluster $CLUSTER, nodes ${NODES[*]}, partitions debug (default) and urgent"
     log "source $LOCAL/env to use it"
-}
-
-any_daemon_missing() {
-    local f
-    for f in mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd-}"; do
-        pid_alive "$RUN/$f.pid" || return 0
-    done
-    return 1
 }
 
 main
