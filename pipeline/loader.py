@@ -417,8 +417,8 @@ class EvalLoader:
                 if b:
                     self.stats["bad_files"].append(self.index.files[p])
                     log.warning("undecodable eval file %s: scored as a blank image", self.index.path(p))
-            yield (_to_torch(images, self.device), torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)),
-                   positions)
+            labels = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)).to(self.device, non_blocking=True)
+            yield _to_torch(images, self.device), labels, positions
         with contextlib.suppress(StopIteration):
             self._run.run()  # the end-of-epoch signal; reset at the next iteration
 

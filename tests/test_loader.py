@@ -205,3 +205,31 @@ def test_workers_survive_sigterm_inside_slurm(clean, monkeypatch: pytest.MonkeyP
         assert len(list(loader)) == len(loader)
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # only the workers ignore it
     assert not _alive(workers)
+
+
+def test_resume_at_the_end_of_an_epoch_continues_with_the_next(clean) -> None:
+    index, bad = clean
+    with train_loader(index, exclude=bad, py_workers=1) as a:
+        list(a)  # epoch 0, to the end
+        state = a.state_dict()
+        a.set_epoch(1)
+        expected = list(a)
+    with train_loader(index, exclude=bad, py_workers=1) as b:
+        b.load_state_dict(state)
+        assert list(b) == []  # nothing of epoch 0 is left
+        b.set_epoch(1)
+        got = list(b)
+    assert len(got) == len(expected) == len(b)
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(expected, got))
+
+
+def test_eval_survives_bad_files(small_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    index = index_train(small_tree)  # holds a truncated and an empty file
+    with caplog.at_level(logging.WARNING, logger="senet.input"):
+        with EvalLoader(index, batch_size=16, rank=0, world_size=1, local_rank=0, device="cpu", crop_size=CROP,
+                        threads=1, py_workers=1) as ev:
+            positions = [p for _, _, pos in ev for p in pos.tolist()]
+            bad = sorted(ev.stats["bad_files"])
+    assert positions == list(range(len(index)))
+    assert bad == sorted(planted(small_tree, "truncated", "zero_bytes"))
+    assert all(f in caplog.text for f in bad)
