@@ -37,6 +37,7 @@ _UNIFORMS = 4 * CROP_TRIES + 6  # uniforms drawn per sample: crop tries, flip, a
 # YIQ <-> RGB, for the hue rotation (DALI's and torchvision-like hue shifts rotate chroma this way).
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+_GREY = np.outer(np.ones(3), LUMA)  # rgb -> (luma, luma, luma)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def draw(spec: AugmentSpec, seed: int, epoch: int, position: int, width: int, he
     A pure function: the same arguments give the same Draw in any process. A fixed number of
     uniforms is drawn whatever happens, so adding a try never shifts the later draws.
     """
-    u = np.random.default_rng((seed, epoch, position)).random(_UNIFORMS)
+    u = np.random.default_rng((seed, epoch, position)).random(_UNIFORMS).tolist()  # floats: cheaper scalar math
     x, y, w, h = _crop_box(spec, u[: 4 * CROP_TRIES], width, height)
     flip, angle, b, c, s, hue = u[4 * CROP_TRIES:]
     return Draw(x, y, w, h, bool(flip < spec.flip), float((2 * angle - 1) * spec.rotation),
@@ -125,26 +126,23 @@ def _factor(u: float, jitter: float) -> float:
     return float(lo + u * (1.0 + jitter - lo))
 
 
-def _crop_box(spec: AugmentSpec, u: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+def _crop_box(spec: AugmentSpec, u: list[float], width: int, height: int) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (x, y, w, h): area and log-aspect tries, else a centre crop."""
     area = width * height
     lo, hi = math.log(spec.min_aspect), math.log(spec.max_aspect)
-    targets = area * (spec.min_area + u[:CROP_TRIES] * (spec.max_area - spec.min_area))
-    aspects = np.exp(lo + u[CROP_TRIES:2 * CROP_TRIES] * (hi - lo))
-    ws = np.rint(np.sqrt(targets * aspects)).astype(np.int64)
-    hs = np.rint(np.sqrt(targets / aspects)).astype(np.int64)
-    fits = np.flatnonzero((ws > 0) & (ws <= width) & (hs > 0) & (hs <= height))
-    if fits.size:
-        t = int(fits[0])
-        w, h = int(ws[t]), int(hs[t])
-        x = int(u[2 * CROP_TRIES + t] * (width - w + 1))
-        y = int(u[3 * CROP_TRIES + t] * (height - h + 1))
-        return min(x, width - w), min(y, height - h), w, h
+    for t in range(CROP_TRIES):
+        target = area * (spec.min_area + u[t] * (spec.max_area - spec.min_area))
+        aspect = math.exp(lo + u[CROP_TRIES + t] * (hi - lo))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x = int(u[2 * CROP_TRIES + t] * (width - w + 1))
+            y = int(u[3 * CROP_TRIES + t] * (height - h + 1))
+            return min(x, width - w), min(y, height - h), w, h
     ratio = width / height
     if ratio < spec.min_aspect:
-        w, h = width, min(height, int(round(width / spec.min_aspect)))
+        w, h = width, min(height, round(width / spec.min_aspect))
     elif ratio > spec.max_aspect:
-        w, h = min(width, int(round(height * spec.max_aspect))), height
+        w, h = min(width, round(height * spec.max_aspect)), height
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
@@ -162,29 +160,30 @@ def warp_geometry(d: Draw, width: int, height: int, out_size: int) -> dict[str, 
     """
     a = math.radians(d.angle)
     cos, sin = math.cos(a), math.sin(a)
-    sx = -1.0 if d.flip else 1.0
+    fw = (-d.w if d.flip else d.w) / out_size
+    fh = d.h / out_size
     # Output offsets from the centre, scaled to crop pixels (mirrored when flipped) and turned so that
-    # the content turns counter-clockwise by `angle` on screen (y points down).
-    lin = np.array([[cos * sx * d.w, -sin * d.h], [sin * sx * d.w, cos * d.h]]) / out_size
-    cx, cy = d.x + d.w / 2, d.y + d.h / 2
-    half = np.array([out_size / 2, out_size / 2])
-    corners = lin @ (np.array([[0, 0, out_size, out_size], [0, out_size, 0, out_size]]) - half[:, None])
-    x0 = max(0, math.floor(cx + corners[0].min()) - 1)  # one pixel of margin for bilinear taps
-    y0 = max(0, math.floor(cy + corners[1].min()) - 1)
-    x1 = min(width, math.ceil(cx + corners[0].max()) + 1)
-    y1 = min(height, math.ceil(cy + corners[1].max()) + 1)
-    offset = np.array([cx - x0, cy - y0]) - lin @ half
-    matrix = np.concatenate([lin, offset[:, None]], axis=1)
-    shape = np.array([y1 - y0, x1 - x0])
+    # the content turns counter-clockwise by `angle` on screen (y points down): src = lin @ out + off.
+    l00, l01, l10, l11 = cos * fw, -sin * fh, sin * fw, cos * fh
+    cx, cy, half = d.x + d.w / 2, d.y + d.h / 2, out_size / 2
+    reach_x = (abs(l00) + abs(l01)) * half  # the rotated crop's bounding box, around its centre
+    reach_y = (abs(l10) + abs(l11)) * half
+    x0 = max(0, math.floor(cx - reach_x) - 1)  # one pixel of margin for bilinear taps
+    y0 = max(0, math.floor(cy - reach_y) - 1)
+    x1 = min(width, math.ceil(cx + reach_x) + 1)
+    y1 = min(height, math.ceil(cy + reach_y) + 1)
+    rw, rh = x1 - x0, y1 - y0
+    rows = [[l00, l01, cx - x0 - (l00 + l01) * half], [l10, l11, cy - y0 - (l10 + l11) * half]]
     shrink = max(d.w, d.h) / out_size
     prescale = shrink > ALIAS_FREE_SHRINK
-    pre_size = shape.astype(np.float64)
+    pre_w, pre_h = float(rw), float(rh)
     if prescale:
-        pre_size = np.maximum(1.0, np.round(shape * (PRESCALE_SHRINK / shrink)))
-        matrix = matrix * (pre_size[::-1] / shape[::-1])[:, None]  # rows: x scales by w'/w, y by h'/h
-    return {"anchor": np.array([y0, x0], np.int32), "shape": shape.astype(np.int32),
-            "prescale": np.array(prescale), "pre_size": pre_size.astype(np.float32),
-            "matrix": matrix.astype(np.float32)}
+        pre_w = max(1.0, round(rw * PRESCALE_SHRINK / shrink))
+        pre_h = max(1.0, round(rh * PRESCALE_SHRINK / shrink))
+        rows = [[v * pre_w / rw for v in rows[0]], [v * pre_h / rh for v in rows[1]]]
+    return {"anchor": np.array([y0, x0], np.int32), "shape": np.array([rh, rw], np.int32),
+            "prescale": np.array(prescale), "pre_size": np.array([pre_h, pre_w], np.float32),
+            "matrix": np.array(rows, np.float32)}
 
 
 def colour_params(d: Draw, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
@@ -204,12 +203,12 @@ def colour_transform(d: Draw, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[np.
         M (3x3), t0 (3,) and v (3,), float32.
     """
     inv_std = 1.0 / np.asarray(std, dtype=np.float64)
-    grey = np.outer(np.ones(3), LUMA)
-    saturate = d.saturation * np.eye(3) + (1 - d.saturation) * grey
-    a = 2 * math.pi * d.hue
-    rot = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    hue = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ
-    m = inv_std[:, None] * (hue @ saturate) * (d.contrast * d.brightness)
+    mix = d.saturation * np.eye(3) + (1 - d.saturation) * _GREY
+    if d.hue:
+        a = 2 * math.pi * d.hue
+        rot = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+        mix = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ @ mix
+    m = inv_std[:, None] * mix * (d.contrast * d.brightness)
     t0 = -np.asarray(mean) * inv_std
     v = (1 - d.contrast) * d.brightness * inv_std
     return m.astype(np.float32), t0.astype(np.float32), v.astype(np.float32)

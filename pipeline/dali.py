@@ -160,7 +160,8 @@ class TrainSource:
         for attempt in range(16):
             data = b""
             if index not in self.bad:
-                data = Path(self.root, self.files[index]).read_bytes()
+                with open(os.path.join(self.root, self.files[index]), "rb") as f:
+                    data = f.read()
             size = image_size(data) if looks_complete(data) else None
             if size is not None:
                 return data, size, index
