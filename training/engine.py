@@ -161,7 +161,7 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         if r.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group,
                                       r.cfg.data.layout)
-            r.log.write({"step": state.step, "epoch": epoch + 1, **state.last_val})
+            r.log.write({"step": state.step, "epoch": epoch, **state.last_val})
             if r.dist.is_main:
                 log.info("epoch %d: val top-1 %.4f, top-5 %.4f (%d images)", epoch + 1, state.last_val["val_top1"],
                          state.last_val["val_top5"], state.last_val["val_images"])
