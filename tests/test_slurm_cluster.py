@@ -114,12 +114,13 @@ def test_submitit_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Pa
 
 
 # Each run logs its restart count; USR2 (its --signal, sent at preemption) and the SIGTERM that
-# follows GraceTime later are logged too. The second run finishes at once.
+# follows GraceTime later are logged too. The traps come first: USR2 would otherwise kill bash.
+# The second run finishes at once.
 PREEMPTIBLE_JOB = """#!/bin/bash
-echo "start ${SLURM_RESTART_COUNT:-0}" >> "$LOG"
-[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && exit 0
 trap 'echo USR2 >> "$LOG"' USR2
 trap 'echo TERM >> "$LOG"; exit 143' TERM
+echo "start ${SLURM_RESTART_COUNT:-0}" >> "$LOG"
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && exit 0
 for _ in $(seq 600); do sleep 0.1; done
 """
 

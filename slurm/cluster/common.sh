@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # the names below are used by the scripts that source this
 # Shared by up.sh and down.sh: where the local cluster lives and which ports it uses.
 # Everything is under one folder of the checkout, so `down.sh` can remove it all at once.
 # Two checkouts can run side by side if they use different SENET_SLURM_PORT_BASE values.

@@ -44,18 +44,18 @@ stop_orphan_steps() {
     done
     (( ${#steps[@]} )) || return 0
     local tasks
-    tasks=$(descendants "${steps[@]}")
-    log "stopping leftover job steps (pids ${steps[*]}) and their tasks (pids $(echo $tasks))"
-    stop_pids 5 "${steps[@]}" $tasks
+    mapfile -t tasks < <(descendants "${steps[@]}")
+    log "stopping leftover job steps (pids ${steps[*]}) and their tasks (pids ${tasks[*]})"
+    stop_pids 5 "${steps[@]}" "${tasks[@]}"
 }
 
 cancel_jobs() {
     pid_alive "$RUN/slurmctld.pid" || return 0
     local jobs
-    jobs=$(squeue -h -o %A 2>/dev/null) || return 0
-    [[ -n $jobs ]] || return 0
-    log "cancelling jobs $(echo $jobs)"
-    scancel $jobs 2>/dev/null || true
+    mapfile -t jobs < <(squeue -h -o %A 2>/dev/null)
+    (( ${#jobs[@]} )) || return 0
+    log "cancelling jobs ${jobs[*]}"
+    scancel "${jobs[@]}" 2>/dev/null || true
     local deadline=$((SECONDS + 15))  # KillWait=5 plus epilog time
     while [[ -n $(squeue -h -t running,completing -o %A 2>/dev/null) ]] && (( SECONDS < deadline )); do
         sleep 0.2

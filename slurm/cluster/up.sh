@@ -14,6 +14,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server eatmydata)
 READY_TIMEOUT=${SENET_SLURM_TIMEOUT:-60}   # seconds for each daemon and for the nodes
 GRACE_TIME=${SENET_SLURM_GRACE_TIME:-10}   # seconds a preempted job has to checkpoint
+for setting in "SENET_SLURM_TIMEOUT=$READY_TIMEOUT" "SENET_SLURM_GRACE_TIME=$GRACE_TIME"; do
+    [[ ${setting#*=} =~ ^[0-9]+$ ]] || { echo "slurm-up: $setting is not a whole number of seconds" >&2; exit 2; }
+done
 DB_SOCKET=$RUN/mariadb.sock
 DATADIR=$LOCAL/mariadb
 
@@ -40,10 +43,10 @@ refuse() {
 
 # wait_for SECONDS DESCRIPTION COMMAND...: retry COMMAND every 0.2 s until it succeeds.
 wait_for() {
-    local deadline=$((SECONDS + $1)) what=$2
+    local seconds=$1 what=$2 out deadline=$((SECONDS + $1))
     shift 2
-    until "$@" >/dev/null 2>&1; do
-        (( SECONDS < deadline )) || fail "$what did not happen within ${READY_TIMEOUT}s"
+    until out=$("$@" 2>&1); do
+        (( SECONDS < deadline )) || fail "$what did not happen within $seconds s; '$*' said: $out"
         sleep 0.2
     done
 }
@@ -119,6 +122,7 @@ write_configs() {
     echo "$PORT_BASE" >"$LOCAL/port_base"
     [[ -s $LOCAL/etc/db.pass ]] || (umask 077 && od -An -N12 -tx1 /dev/urandom | tr -d ' \n' >"$LOCAL/etc/db.pass")
     DB_PASS=$(<"$LOCAL/etc/db.pass")
+    # shellcheck disable=SC2034  # read by render() as ${!name}
     CTLD_HOST=$(hostname -s)  # slurmctld checks that SlurmctldHost names this host
     local new=$LOCAL/etc/new changed=0 f
     mkdir -p "$new"
@@ -213,7 +217,7 @@ wait_for_nodes() {
     until nodes_ready; do
         if (( SECONDS >= deadline )); then
             sinfo -N -o '%N %P %t %E' >&2 || true
-            fail "nodes not ready within ${READY_TIMEOUT}s"
+            fail "nodes not ready within $READY_TIMEOUT s"
         fi
         sleep 0.2
     done
