@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
-test: install
-	$(PY) -m pytest -q tests
+# The local Slurm cluster is started for the tests and always stopped again, keeping pytest's status
+# (exit 5, no tests collected, fails too).
+test: install slurm-up
+	$(PY) -m pytest -q tests; status=$$?; $(MAKE) -s slurm-down; exit $$status
 
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
