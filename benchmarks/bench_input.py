@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -80,21 +82,27 @@ def main() -> None:
                      batches=args.batches)
     names = args.stages.split(",") + ([] if args.no_baseline else ["baseline"])
     runs: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names:
-            value = measure_baseline(index, spec) if name == "baseline" else measure_stage(index, name, spec)
-            runs[name].append(value)
-            print(f"round {r + 1}: {name:10s} {value:8.0f} images/s", flush=True)
+            rate = measure_baseline(index, spec) if name == "baseline" else measure_stage(index, name, spec)
+            runs[name].append(rate.images_per_s)
+            cpu[name].append(rate.cpu_ms_per_image)
+            print(f"round {r + 1}: {name:10s} {rate.images_per_s:8.0f} images/s  {rate.cpu_ms_per_image:6.2f} CPU ms/image "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
     ratios: dict[str, list[float]] = {}
     if "full" in runs and "crop_flip" in runs:
         ratios["full / crop_flip"] = [f / c for f, c in zip(runs["full"], runs["crop_flip"])]
+        ratios["CPU: crop_flip / full"] = [c / f for f, c in zip(cpu["full"], cpu["crop_flip"])]
     if "full" in runs and "baseline" in runs:
         ratios["full / baseline"] = [f / b for f, b in zip(runs["full"], runs["baseline"])]
-    result = {"machine": cpu_model(), "cpus": len(__import__("os").sched_getaffinity(0)), "images": len(index),
-              "spec": vars(spec) if hasattr(spec, "__dict__") else str(spec), "runs": runs, "ratios": ratios,
+        ratios["CPU: baseline / full"] = [b / f for f, b in zip(cpu["full"], cpu["baseline"])]
+    result = {"machine": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "images": len(index),
+              "spec": asdict(spec), "runs": runs, "cpu_ms_per_image": cpu, "ratios": ratios,
               "median": {k: statistics.median(v) for k, v in runs.items()},
+              "median_cpu_ms_per_image": {k: statistics.median(v) for k, v in cpu.items()},
               "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}
-    print(json.dumps({k: result[k] for k in ("machine", "median", "median_ratio")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("machine", "median", "median_cpu_ms_per_image", "median_ratio")}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -13,6 +13,7 @@ brightness/contrast/saturation(/hue) with PIL, then normalise with numpy to the 
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
@@ -46,19 +47,46 @@ class BenchSpec:
     seed: int = 0
 
 
-def images_per_second(batches: Iterable[Any], count: int, warmup: int, batch_size: int, sync: bool = False) -> float:
+@dataclass(frozen=True)
+class Rate:
+    """A measurement: images per second (wall clock) and CPU milliseconds spent per image by this
+    process and its children (workers), which other processes' load on a shared machine barely moves."""
+
+    images_per_s: float
+    cpu_ms_per_image: float
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its live descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = open(f"/proc/{entry.name}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    mine, total = {os.getpid()}, 0.0
+    for _ in range(8):  # grow the family tree a generation at a time
+        mine |= {pid for pid, (ppid, _) in stats.items() if ppid in mine}
+    return sum(stats[pid][1] for pid in mine if pid in stats)
+
+
+def images_per_second(batches: Iterable[Any], count: int, warmup: int, batch_size: int, sync: bool = False) -> Rate:
     """Images per second over `count` batches of an iterable, after `warmup` batches."""
     it = iter(batches)
     for _ in range(warmup):
         next(it)
     if sync:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     for _ in range(count):
         next(it)
     if sync:
         torch.cuda.synchronize()
-    return count * batch_size / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return Rate(count * batch_size / wall, 1000 * cpu / (count * batch_size))
 
 
 class _CropFlipSource:
@@ -99,7 +127,7 @@ def _endless(pipe: Any) -> Iterable[Any]:
             pipe.reset()
 
 
-def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> float:
+def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
     """Images per second of one stage (see the module docstring)."""
     if stage == "full":
         with TrainLoader(index, batch_size=spec.batch_size, rank=0, world_size=1, local_rank=0, device=spec.device,
@@ -170,7 +198,7 @@ class PILTrainSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(x, dtype=self.dtype)), int(self.index.labels[i])
 
 
-def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> float:
+def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
     """Images per second of the PIL DataLoader with spec.threads workers and class-aware sampling."""
     sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
     data = PILTrainSet(index, aug, spec.crop_size, spec.dtype, spec.layout, spec.seed)
@@ -197,11 +225,15 @@ def run_bench(index: ImageIndex, spec: BenchSpec, stages: Iterable[str] = STAGES
     result: dict[str, Any] = {"device": spec.device, "threads": spec.threads, "batch_size": spec.batch_size,
                               "py_workers": spec.py_workers, "batches": spec.batches, "crop_size": spec.crop_size,
                               "dtype": spec.dtype, "layout": spec.layout, "images": len(index), "stages": {},
-                              "baseline": {}}
+                              "baseline": {}, "cpu_ms_per_image": {}}
     for stage in stages:
-        result["stages"][stage] = measure_stage(index, stage, spec, aug)
+        rate = measure_stage(index, stage, spec, aug)
+        result["stages"][stage] = rate.images_per_s
+        result["cpu_ms_per_image"][stage] = rate.cpu_ms_per_image
     if baseline:
-        result["baseline"]["full"] = measure_baseline(index, spec, aug)
+        rate = measure_baseline(index, spec, aug)
+        result["baseline"]["full"] = rate.images_per_s
+        result["cpu_ms_per_image"]["baseline"] = rate.cpu_ms_per_image
     stages_done = result["stages"]
     ratios = {}
     if "full" in stages_done and "crop_flip" in stages_done:
