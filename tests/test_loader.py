@@ -233,3 +233,35 @@ def test_eval_survives_bad_files(small_tree: Path, caplog: pytest.LogCaptureFixt
     assert positions == list(range(len(index)))
     assert bad == sorted(planted(small_tree, "truncated", "zero_bytes"))
     assert all(f in caplog.text for f in bad)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_loader_matches_the_cpu_one(clean) -> None:
+    """Mixed decode + GPU warp + colour on the GPU: CUDA tensors close to the CPU path's (decoders differ)."""
+    index, bad = clean
+    with train_loader(index, exclude=bad, device="gpu", py_workers=1) as g:
+        xg, yg = next(iter(g))
+    with train_loader(index, exclude=bad) as c:
+        xc, yc = next(iter(c))
+    assert xg.is_cuda and yg.is_cuda and xg.dtype == torch.float16 and yg.dtype == torch.int64
+    assert torch.equal(yg.cpu(), yc)
+    assert (xg.float().cpu() - xc.float()).abs().mean() < 0.1  # normalised units: a few grey levels
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_eval_covers_every_image_once(small_tree: Path) -> None:
+    train = index_train(small_tree)
+    val = index_val(small_tree, load_devkit(small_tree / "ILSVRC2012_devkit_t12"), train.classes)
+    seen = []
+    for rank in range(2):
+        with EvalLoader(val, batch_size=5, rank=rank, world_size=2, local_rank=0, device="gpu", crop_size=CROP,
+                        ten_crop=True, threads=1, py_workers=1) as ev:
+            for images, labels, positions in ev:
+                assert images.is_cuda and images.shape[1:] == (10, 3, CROP, CROP) and labels.is_cuda
+                seen += positions.tolist()
+    assert seen == list(range(len(val)))
