@@ -151,6 +151,22 @@ def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype,
     return out.to(dtype)
 
 
+@contextlib.contextmanager
+def _one_torch_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the colour product on this thread only: DALI's threads already hold the task's
+    cores, and torch's other OpenMP threads would spin against them (measured here: the product then
+    costs 0.35 CPU ms per image instead of ~0.75)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _as_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
     """A DALI output batch as a torch tensor: a view of DALI's buffer on the CPU (valid until the next
     run; only read before that), a copy on the GPU."""
@@ -327,7 +343,8 @@ class TrainLoader:
         images = _as_torch(images, self.device)
         if self._work is None or self._work.device != images.device or self._work.numel() != images.numel():
             self._work = torch.empty(images.numel(), dtype=torch.float32, device=images.device)
-        images = apply_colour(images, colour, TORCH_DTYPES[self.dtype], self.layout, self._work)
+        with _one_torch_thread(images.device):
+            images = apply_colour(images, colour, TORCH_DTYPES[self.dtype], self.layout, self._work)
         labels = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)).to(self.device, non_blocking=True)
         return images, labels
 
