@@ -1,0 +1,154 @@
+"""`senet submit`, `senet jobs`, `senet logs`, `senet cancel`: training runs as Slurm jobs.
+
+Installed as the `slurm` group of pyproject's `senet.commands` entry points, so `training.cli` never
+imports this package. Slurm client commands read SLURM_CONF from the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from training.cli import Failure, write_json
+from training.config import load_config
+
+POLL_S = 0.5  # --follow: how often logs and the job's state are read
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from slurm import launch
+
+    overrides = launch.apply_cli(args.set, args.nodes, args.gpus_per_node, args.partition, args.time, args.account,
+                                 args.qos, args.out)
+    cfg = load_config(args.config, overrides)
+    launch.check_job_config(cfg)
+    root = Path(cfg.slurm.output_root)
+    if args.dry_run:
+        run_dir = root / f"{Path(args.config).stem}-<UTC time>"
+        print(launch.sbatch_script(cfg, run_dir), end="")
+        print(f"# dry run: nothing submitted; the run folder would be {run_dir}", file=sys.stderr)
+        return 0
+    if not Path(cfg.data.root).expanduser().is_dir():  # the job would fail minutes later in the queue
+        raise Failure(f"data.root = {cfg.data.root!r}: folder not found here; set data.root (--set data.root=DIR)")
+    try:
+        job = launch.submit(cfg, args.config, root, command=sys.argv)
+    except launch.SubmitError as e:
+        raise Failure(str(e)) from None
+    write_json(args.json, {"job_id": job.job_id, "run_dir": str(job.run_dir)})
+    s = cfg.slurm
+    out, err = job.log_paths(0)
+    print(f"submitted job {job.job_id}: {s.nodes} node(s) x {launch.tasks_per_node(cfg)} task(s)"
+          f"{f', {s.gpus_per_node} GPUs per node' if s.gpus_per_node else ''}, partition {s.partition or '(default)'}, "
+          f"{s.time_min} min per allocation")
+    print(f"run folder: {job.run_dir}")
+    print(f"logs:       {err} (rank 0; {out.name} for its stdout, {job.job_id}_<rank>_log.* for the others)")
+    print(f"follow it:  senet logs {job.job_id} --follow")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from slurm import queue
+
+    try:
+        jobs = queue.list_jobs()
+    except queue.SlurmError as e:
+        raise Failure(str(e)) from None
+    if not jobs:
+        print(f"no senet jobs since {queue.HISTORY}")
+        return 0
+    width = max(len(j.job_id) for j in jobs)
+    print(f"{'JOB':<{width}}  {'STATE':<11} {'ELAPSED':>10} NODES  RUN FOLDER")
+    for j in jobs:
+        print(f"{j.job_id:<{width}}  {j.state:<11} {j.elapsed:>10} {j.nodes:>5}  {j.run_dir}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from slurm import launch, queue
+
+    try:
+        run_dir = queue.run_dir_of(args.job)
+    except queue.SlurmError as e:
+        raise Failure(str(e)) from None
+    paths = [p for p, wanted in zip(launch.log_paths(run_dir, args.job, args.rank), ("out", "err"))
+             if args.stream in (wanted, "both")]
+    if not any(p.exists() for p in paths):
+        present = sorted({int(p.name.split("_")[1]) for p in (run_dir / launch.LOGS).glob(f"{args.job}_*_log.*")})
+        if present:
+            raise Failure(f"job {args.job} has no rank {args.rank}; its ranks: {', '.join(map(str, present))}")
+        if not args.follow:
+            print(f"job {args.job} ({queue.job_state(args.job) or 'state unknown'}) has written no log yet; "
+                  f"it will be at {paths[-1]}")
+            return 0
+    offsets = {p: 0 for p in paths}
+    while True:
+        for p in paths:
+            offsets[p] = show_new(p, offsets[p], label=len(paths) > 1)
+        if not args.follow:
+            return 0
+        if queue.job_state(args.job) not in queue.ACTIVE:
+            for p in paths:  # what was written while we looked at the state
+                offsets[p] = show_new(p, offsets[p], label=len(paths) > 1)
+            return 0
+        time.sleep(POLL_S)
+
+
+def show_new(path: Path, offset: int, label: bool) -> int:
+    """Print what `path` holds past `offset` (headed by its name when several files are shown); new offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return offset
+    if data:
+        if label:
+            print(f"==> {path} <==")
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
+    return offset + len(data)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from slurm import queue
+
+    try:
+        run_dir = queue.run_dir_of(args.job)
+        queue.cancel(args.job)
+    except queue.SlurmError as e:
+        raise Failure(str(e)) from None
+    print(f"cancelled job {args.job}; its run folder {run_dir} keeps the last checkpoint")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `submit`, `jobs`, `logs` and `cancel` to the `senet` parser."""
+    p = sub.add_parser("submit", help="run a training config as a Slurm job (submitit; requeued on timeout/preemption)")
+    p.add_argument("config", help="YAML config; its `slurm` section sizes the job")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=3")
+    p.add_argument("--out", metavar="ROOT", help="shared folder for the run folder (default slurm.output_root)")
+    p.add_argument("--nodes", type=int, help="servers (slurm.nodes)")
+    p.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per server = tasks per server (slurm.gpus_per_node)")
+    p.add_argument("--partition", metavar="P", help="Slurm partition (slurm.partition)")
+    p.add_argument("--time", metavar="T", help="time limit per allocation: minutes or [days-]hh:mm:ss (slurm.time_min)")
+    p.add_argument("--account", metavar="A", help="Slurm account (slurm.account)")
+    p.add_argument("--qos", metavar="Q", help="Slurm QOS (slurm.qos)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("--json", metavar="F", help="write {job_id, run_dir} as JSON")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="this user's senet jobs and their states")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("logs", help="a rank's log of a senet job")
+    p.add_argument("job", help="Slurm job id")
+    p.add_argument("--rank", type=int, default=0, help="global rank (default 0, the one that reports progress)")
+    p.add_argument("--stream", choices=("err", "out", "both"), default="both",
+                   help="err: the log (stderr), out: printed output, both (default)")
+    p.add_argument("--follow", action="store_true", help="keep printing until the job ends (requeues included)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel a senet job")
+    p.add_argument("job", help="Slurm job id")
+    p.set_defaults(func=cmd_cancel)
