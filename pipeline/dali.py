@@ -129,6 +129,9 @@ class TrainSource:
     bad: frozenset = frozenset()  # dataset indices known to be undecodable
     owner_pid: int = 0  # the loader's process; a worker is any other
 
+    # The per-sample outputs, in order (train_pipeline names them).
+    outputs = ("jpeg", "label", "anchor", "shape", "prescale", "pre_size", "matrix", "colour", "replaced", "position")
+
     def __post_init__(self) -> None:
         self.owner_pid = self.owner_pid or os.getpid()
 
@@ -136,8 +139,6 @@ class TrainSource:
         """Samples of this rank in DALI epoch j: whole batches from the start point."""
         start = self.start if dali_epoch == 0 else 0
         return (len(self.sampler) - start) // self.batch_size * self.batch_size
-
-    outputs = ("jpeg", "label", "anchor", "shape", "prescale", "pre_size", "matrix", "colour", "replaced", "position")
 
     def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
         _die_with_parent(self.owner_pid)
@@ -160,8 +161,9 @@ class TrainSource:
         for attempt in range(16):
             data = b""
             if index not in self.bad:
-                with open(os.path.join(self.root, self.files[index]), "rb") as f:
-                    data = f.read()
+                with contextlib.suppress(OSError):  # a vanished or unreadable file is a bad file too
+                    with open(os.path.join(self.root, self.files[index]), "rb") as f:
+                        data = f.read()
             size = image_size(data) if looks_complete(data) else None
             if size is not None:
                 return data, size, index

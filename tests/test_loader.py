@@ -265,3 +265,16 @@ def test_gpu_eval_covers_every_image_once(small_tree: Path) -> None:
                 assert images.is_cuda and images.shape[1:] == (10, 3, CROP, CROP) and labels.is_cuda
                 seen += positions.tolist()
     assert seen == list(range(len(val)))
+
+
+def test_spawned_workers_give_the_same_batches(clean, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once CUDA is initialised the loader spawns its workers instead of forking: same batches."""
+    import pipeline.loader as loader_module
+
+    index, bad = clean
+    with train_loader(index, exclude=bad, py_workers=1) as forked:
+        expected = next(iter(forked))
+    monkeypatch.setattr(loader_module, "_start_method", lambda: "spawn")
+    with train_loader(index, exclude=bad, py_workers=1) as spawned:
+        got = next(iter(spawned))
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
