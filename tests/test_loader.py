@@ -278,3 +278,47 @@ def test_spawned_workers_give_the_same_batches(clean, monkeypatch: pytest.Monkey
     with train_loader(index, exclude=bad, py_workers=1) as spawned:
         got = next(iter(spawned))
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+
+
+_RUNNER = """
+import sys
+from pipeline.augment import AugmentSpec
+from pipeline.datasets import index_train
+from pipeline.loader import TrainLoader, _child_pids
+loader = TrainLoader(index_train(sys.argv[1]), batch_size=4, rank=0, world_size=1, local_rank=0, device="cpu", seed=0,
+                     sampling="shuffle", samples_per_epoch=None, aug=AugmentSpec(), crop_size=32, dtype="float16",
+                     layout="NCHW", threads=1, py_workers=2, prefetch=2)
+with loader:
+    print(" ".join(map(str, sorted(_child_pids()))), flush=True)
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for _ in loader:
+            pass
+        epoch += 1
+"""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_no_orphans_after_ctrl_c_or_a_killed_parent(small_tree: Path, how: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(small_tree)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        workers = {int(p) for p in proc.stdout.readline().split()}
+        assert len(workers) == 2
+        time.sleep(1.0)  # mid-epoch, workers busy
+        if how == "ctrl-c":  # the terminal signals the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while _alive(workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
