@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,63 +87,12 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
 
 def launch_local(args: argparse.Namespace, out: Path) -> int:
     """Start `--nproc` ranks of this command on this machine and wait for them."""
-    from training.dist import DistInfo, free_port
+    from training.launch import launch_ranks
 
-    port = free_port()
     command = [sys.executable, "-m", "training", "train", args.config, "--out", str(out), "--resume", args.resume]
     for item in args.set:
         command += ["--set", item]
-    procs: list[subprocess.Popen] = []
-    for rank in range(args.nproc):
-        info = DistInfo(rank=rank, local_rank=rank, world_size=args.nproc, local_world_size=args.nproc, master_port=port)
-        procs.append(subprocess.Popen(command, env={**os.environ, **info.env(), WORKER_ENV: "1"}))
-    forward = lambda signum, _frame: [p.send_signal(signum) for p in procs if p.poll() is None]  # noqa: E731
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        return wait_all(procs)
-    except KeyboardInterrupt:
-        stop_all(procs, grace_s=5.0)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def wait_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> int:
-    """Wait for every rank; when one fails, give the others `grace_s` to notice, then stop them.
-
-    Returns the first failure's exit status (signals as 128 + number), else 0.
-    """
-    first_failure = 0
-    deadline = None
-    while any(p.poll() is None for p in procs):
-        for p in procs:
-            code = p.poll()
-            if code not in (None, 0) and not first_failure:
-                first_failure = code if code > 0 else 128 - code
-                deadline = time.monotonic() + grace_s
-        if deadline is not None and time.monotonic() > deadline:
-            stop_all(procs, grace_s=5.0)
-            break
-        time.sleep(0.1)
-    for p in procs:
-        code = p.wait()
-        if code and not first_failure:
-            first_failure = code if code > 0 else 128 - code
-    return first_failure
-
-
-def stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM the ranks still running, then SIGKILL those that outlive `grace_s`."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
 
 
 # ---------------------------------------------------------------------------------------- bench-train
