@@ -1,11 +1,86 @@
-"""`senet` commands for the challenge: evaluate and ensemble (predict joins them once a model is trained)."""
+"""`senet` commands for the challenge: predict, evaluate and ensemble."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
 
 from pipeline.devkit import load_devkit, read_ground_truth
-from training.cli import UsageError, write_json
+from training.cli import Failure, UsageError, write_json
 from training.submission import ensemble, load_scores, read_submission, score, top_ids, write_submission
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from training.checkpoint import CheckpointError
+
+    if args.nproc < 1 or args.batch_size < 1:
+        raise UsageError(f"--nproc {args.nproc} and --batch-size {args.batch_size} must be at least 1")
+    in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun, our launcher, or a Slurm task
+    try:
+        if args.nproc > 1 and not in_job:
+            from training.launch import launch_ranks
+
+            return launch_ranks([sys.executable, "-m", "training", *_predict_argv(args)], args.nproc)
+        return predict_here(args)
+    except CheckpointError as e:
+        raise Failure(str(e)) from None
+
+
+def _predict_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of one predict rank."""
+    argv = ["predict", args.checkpoint, args.images, "--devkit", args.devkit, "--out", args.out,
+            "--batch-size", str(args.batch_size), "--device", args.device, "--cache-dir", args.cache_dir]
+    argv += ["--ten-crop"] * args.ten_crop + (["--scores", args.scores] if args.scores else [])
+    return argv + (["--exclude", args.exclude] if args.exclude else [])
+
+
+def predict_here(args: argparse.Namespace) -> int:
+    """Score this rank's shard, then (rank 0) merge all shards and write the submission."""
+    import numpy as np
+    import torch
+
+    from pipeline.datasets import load_exclusions, read_exclusions
+    from training import dist as distmod
+    from training.dist import DistInfo
+    from training.predict import devkit_columns, image_index, load_model, merge_parts, score_shard
+    from training.submission import top_ids, write_submission
+
+    dist = DistInfo.from_env()
+    kit = load_devkit(args.devkit)
+    images = image_index(args.images)
+    folder = Path(args.images)
+    listed = load_exclusions(folder.resolve().parent, args.cache_dir) | read_exclusions(args.exclude)
+    exclude = frozenset(n for n in images.files if n in listed or f"{folder.name}/{n}" in listed)
+    device = torch.device(f"cuda:{dist.local_rank}" if args.device == "gpu" else "cpu")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise Failure("--device gpu but CUDA is not available here; use --device cpu")
+    parts = Path(f"{args.out}.parts")
+    owns_group = distmod.init_distributed(dist, "gloo", timeout_s=1800)
+    try:
+        model, state = load_model(args.checkpoint, device)
+        columns = devkit_columns(state["classes"], kit, args.checkpoint)
+        positions, probs = score_shard(model, state, images, columns, kit.num_classes, dist, args.device,
+                                       args.ten_crop, args.batch_size, exclude)
+        parts.mkdir(parents=True, exist_ok=True)
+        np.savez(parts / f"rank{dist.rank:05d}.npz", positions=positions, probs=probs)
+        distmod.barrier()
+        if not dist.is_main:
+            return 0
+        scores = merge_parts(sorted(parts.glob("rank*.npz")), images, kit.num_classes, exclude)
+    finally:
+        if owns_group:
+            distmod.teardown_distributed()
+    shutil.rmtree(parts, ignore_errors=True)
+    write_submission(args.out, top_ids(scores.probs))
+    if args.scores:
+        np.save(args.scores, scores.probs)
+    crops = "ten-crop" if args.ten_crop else "single-crop"
+    print(f"wrote {args.out}: {len(scores.names)} images ({crops}, {dist.world_size} process(es)), "
+          f"{len(scores.excluded)} on the exclusion list given the class prior"
+          + (f"; scores {args.scores} (images x {kit.num_classes}, column j = ILSVRC2012_ID j+1)" if args.scores else ""))
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -38,6 +113,20 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `senet` parser."""
+    p = sub.add_parser("predict", help="ILSVRC submission file for a folder of images, from a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint written by senet train (last.pt or best.pt)")
+    p.add_argument("images", help="flat folder of images (e.g. ROOT/test); lines follow ascending file names")
+    p.add_argument("--devkit", required=True, help="devkit folder (maps the model's classes to ILSVRC2012_IDs)")
+    p.add_argument("--out", required=True, help="submission file to write")
+    p.add_argument("--ten-crop", action="store_true", help="average 4 corner + centre crops and their mirrors")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--nproc", type=int, default=1, help="local processes, each scoring a contiguous shard")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--scores", help="also save the probabilities (.npy, images x classes, devkit-ID columns)")
+    p.add_argument("--cache-dir", default="~/.cache/senet", help="data.cache_dir, where check-data's exclusion list is")
+    p.add_argument("--exclude", help="extra exclusion list (file names or tree-relative paths)")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("evaluate", help="top-1 / top-5 error of a submission file, as the challenge scores it")
     p.add_argument("predictions", help="submission file: one line per image, up to 5 ILSVRC2012_IDs")
     p.add_argument("--ground-truth", required=True, help="one ILSVRC2012_ID per line (e.g. the devkit's val ground truth)")
