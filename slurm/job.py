@@ -75,9 +75,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         control = SlurmControl(dist, check_every=CHECK_EVERY)
         control.install()
         if dist.is_main:
-            log.info("job %s, attempt %s: %d ranks on %s, run folder %s", os.environ.get("SLURM_JOB_ID"),
+            log.info("job %s, attempt %s: %d ranks on %s, run folder %s, code from %s", os.environ.get("SLURM_JOB_ID"),
                      int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1, dist.world_size,
-                     os.environ.get("SLURM_JOB_NODELIST"), self.run_dir)
+                     os.environ.get("SLURM_JOB_NODELIST"), self.run_dir, Path(__file__).resolve().parents[1])
         summary = run(self.cfg, dist, self.run_dir, resume="auto", control=control)
         if summary["stopped"]:
             control.leave()

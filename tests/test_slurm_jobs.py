@@ -1,0 +1,252 @@
+"""`senet submit` against the real local Slurm cluster (slurm/cluster/, design.md §5): not mocked.
+
+A 2-node x 2-task CPU (gloo) job on make-synthetic data completes and reports through its run folder;
+a job interrupted the way a time limit interrupts it (USR2 via submitit's `_interrupt(timeout=True)`)
+and a job preempted by the `urgent` partition are requeued, resume from the checkpoint written at the
+signal, and end with parameters bit-identical to `senet train --nproc 4` (same world size). The sbatch
+script of the paper recipe and sbatch's refusals are checked without running anything.
+
+One uninterrupted reference run serves every comparison; it starts with the module and runs while the
+first jobs queue.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from pipeline.synthetic import SyntheticSpec, make_synthetic
+from training.cli import main
+from training.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_FILE = ROOT / ".slurm-local" / "env"
+WORLD = 4  # 2 nodes x 2 tasks
+EPOCHS, STEPS_PER_EPOCH = 6, 6  # 96 training images / (4 ranks x batch 4)
+CONFIG = f"""\
+model: {{arch: se_resnext_tiny, num_classes: 6, channels_last: false}}
+data: {{device: cpu, dtype: float32, crop_size: 32, py_workers: 1, threads: 1}}
+optim: {{lr: 0.4, reference_batch: 64}}
+train: {{epochs: {EPOCHS}, batch_size: 4, seed: 3, precision: fp32, log_every: 2, checkpoint_every: 1000}}
+slurm: {{nodes: 2, gpus_per_node: 2, cpus_per_task: 1, time_min: 10, signal_delay_s: 30, exclusive: false}}
+"""
+JOB_TIMEOUT_S = 180  # a requeue cycle takes ~22 s here, a job start ~10 s on the loaded 2-core machine
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def read_env_file(path: Path) -> dict[str, str]:
+    """The `export NAME=value` lines of a shell file, as a dict."""
+    env = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            env[name] = value
+    return env
+
+
+def slurm(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """Accounting states of each run of the job, oldest first (requeues included)."""
+    return [line.split()[0] for line in slurm("sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id,
+                                              "-o", "State").splitlines() if line.strip()]
+
+
+def in_queue(job_id: str) -> bool:
+    return bool(slurm("squeue", "-h", "-j", job_id, "-o", "%T").strip())
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max((r.get("step", 0) for r in read_metrics(path) if "loss" in r), default=0)
+
+
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_parameters(run_dir: Path, reference: Path) -> None:
+    ours, theirs = model_state(run_dir), model_state(reference)
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"{len(different)} of {len(ours)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    """Start the cluster (idempotent), export its environment for this module, cancel our jobs at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (it starts daemons); run the tests as root")
+    started = subprocess.run(["make", "-s", "slurm-up"], cwd=ROOT, capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"make slurm-up failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in read_env_file(ENV_FILE).items():
+            mp.setenv(name, value)
+        yield dict(os.environ)
+        names = slurm("squeue", "-h", "-o", "%i %j").splitlines()
+        leftovers = [line.split()[0] for line in names if line.split()[1].startswith("senet-test_slurm_jobs")]
+        if leftovers:
+            subprocess.run(["scancel", *leftovers], check=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data, config and output root (all nodes are this host, so /tmp is 'shared storage')."""
+    root = tmp_path_factory.mktemp("slurm_jobs")
+    make_synthetic(root / "data", SyntheticSpec(classes=6, train_per_class=16, val_per_class=4, test=0, seed=1,
+                                                min_side=40, max_side=64))
+    paths = f"root: {root / 'data'}, cache_dir: {root / 'cache'}, "
+    (root / "test_slurm_jobs.yaml").write_text(CONFIG.replace("data: {", "data: {" + paths))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_proc(workspace: Path) -> subprocess.Popen:
+    """`senet train --nproc 4` of the same config, started at once (it runs while jobs queue)."""
+    cpus = sorted(os.sched_getaffinity(0))[:WORLD]  # at most one core per rank, like cpus_per_task=1 in the job
+    return subprocess.Popen([sys.executable, "-m", "training", "train", str(workspace / "test_slurm_jobs.yaml"),
+                             "--nproc", str(WORLD), "--out", str(workspace / "reference")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+
+
+@pytest.fixture(scope="module")
+def reference(reference_proc: subprocess.Popen, workspace: Path) -> Path:
+    out, _ = reference_proc.communicate(timeout=300)
+    assert reference_proc.returncode == 0, out[-3000:]
+    return workspace / "reference"
+
+
+@pytest.fixture(autouse=True)
+def _start_reference_early(reference_proc: subprocess.Popen) -> None:
+    """Every test starts the reference run if it is not running yet."""
+
+
+def submit(workspace: Path, *extra: str) -> tuple[str, Path]:
+    """`senet submit` in this process; returns the job id and its run folder."""
+    answer = workspace / f"submit-{time.monotonic_ns()}.json"
+    code = main(["submit", str(workspace / "test_slurm_jobs.yaml"), "--out", str(workspace / "runs"),
+                 "--json", str(answer), *extra])
+    assert code == 0
+    info = json.loads(answer.read_text())
+    return info["job_id"], Path(info["run_dir"])
+
+
+def wait_for_end(job_id: str, run_dir: Path) -> None:
+    wait_until(lambda: not in_queue(job_id), JOB_TIMEOUT_S, f"job {job_id} leaving the queue")
+    wait_until(lambda: sacct_states(job_id)[-1:] == ["COMPLETED"], 15,
+               f"sacct reporting job {job_id} COMPLETED (it says {sacct_states(job_id)}; logs in {run_dir / 'logs'})")
+
+
+def rank0_log(job_id: str, run_dir: Path) -> str:
+    return (run_dir / "logs" / f"{job_id}_0_log.err").read_text()
+
+
+def assert_resumed_from_signal_checkpoint(job_id: str, run_dir: Path) -> int:
+    """The first attempt wrote a checkpoint at the signal; the second resumed from exactly that step."""
+    log = rank0_log(job_id, run_dir)
+    saved = [int(line.split("checkpoint at step ")[1].split()[0]) for line in log.splitlines()
+             if "written after the time-limit/preemption signal" in line]
+    resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
+    assert len(saved) == 1 and resumes == saved, (saved, resumes, log[-3000:])
+    assert 0 < saved[0] < EPOCHS * STEPS_PER_EPOCH
+    assert "attempt 2" in log
+    return saved[0]
+
+
+# -------------------------------------------------------------------------------------------- tests
+def test_dry_run_of_the_paper_recipe_shows_4_nodes_of_8_gpus_and_8_tasks(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    assert main(["submit", str(ROOT / "configs" / "se_resnext50_32x4d.yaml"), "--out", str(tmp_path), "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=1440", "#SBATCH --signal=USR2@120"):
+        assert line in script.splitlines(), script
+    assert "submitit.core._submit" in script and "PYTHONPATH=" in script
+    assert list(tmp_path.iterdir()) == []  # nothing submitted, no run folder
+
+
+def test_unknown_partition_is_one_clear_line(cluster: dict[str, str], workspace: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "training", "submit", str(workspace / "test_slurm_jobs.yaml"),
+                           "--out", str(workspace / "refused"), "--partition", "nosuch"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("senet submit: error: sbatch refused the job: Invalid partition") and "debug" in lines[0]
+    assert not (workspace / "refused").exists() or not any((workspace / "refused").iterdir())
+
+
+def test_two_nodes_two_tasks_complete_and_report_through_the_run_folder(
+        cluster: dict[str, str], workspace: Path, reference: Path, capsys: pytest.CaptureFixture) -> None:
+    job_id, run_dir = submit(workspace)
+    wait_for_end(job_id, run_dir)
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "val_top1" in r] == list(range(EPOCHS))
+    assert max(r["step"] for r in rows) == EPOCHS * STEPS_PER_EPOCH
+    assert all(r["val_images"] == 24 for r in rows if "val_top1" in r)  # every val image once over 4 ranks
+    for name in ("config.given.yaml", "config.yaml", "job.json", "curves.png", "checkpoints/last.pt",
+                 "code/training/engine.py", "code/slurm/job.py"):
+        assert (run_dir / name).is_file(), name
+    for rank in range(WORLD):
+        assert (run_dir / "logs" / f"{job_id}_{rank}_log.err").is_file()
+    assert f"code from {run_dir / 'code'}" in rank0_log(job_id, run_dir)  # the snapshot, not the checkout
+    assert_same_parameters(run_dir, reference)
+
+    capsys.readouterr()
+    assert main(["jobs"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [job_id, "COMPLETED"] in [row[:2] for row in listed]
+    assert main(["logs", job_id, "--rank", "3", "--stream", "out"]) == 0
+    assert "global_rank=3(4)" in capsys.readouterr().out
+
+
+def test_timeout_requeues_and_resumes_to_the_same_parameters(cluster: dict[str, str], workspace: Path,
+                                                             reference: Path) -> None:
+    job_id, run_dir = submit(workspace)
+    job = submitit.SlurmJob(folder=run_dir / "logs", job_id=job_id, tasks=list(range(WORLD)))
+    wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {job_id} training")
+    job._interrupt(timeout=True)  # USR2, as `--signal=USR2@signal_delay_s` before the time limit
+    wait_for_end(job_id, run_dir)
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
+    assert_resumed_from_signal_checkpoint(job_id, run_dir)
+    assert_same_parameters(run_dir, reference)
+
+
+def test_preemption_by_the_urgent_partition_requeues_and_resumes_to_the_same_parameters(
+        cluster: dict[str, str], workspace: Path, reference: Path) -> None:
+    job_id, run_dir = submit(workspace, "--partition", "debug")
+    wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {job_id} training")
+    urgent = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
+                   "--job-name=senet-test_slurm_jobs-urgent", "--wrap", "true").strip()
+    wait_for_end(job_id, run_dir)
+    assert sacct_states(urgent) == ["COMPLETED"]
+    states = sacct_states(job_id)
+    assert states[-1] == "COMPLETED" and states[0] in ("PREEMPTED", "REQUEUED"), states
+    assert_resumed_from_signal_checkpoint(job_id, run_dir)
+    assert_same_parameters(run_dir, reference)
