@@ -44,6 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc {args.nproc}: must be at least 1")
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun, our launcher, or a Slurm wrapper
     if args.nproc > 1 and not in_job:
+        if cfg.data.device == "gpu":
+            import torch
+
+            if args.nproc > torch.cuda.device_count():  # NVML query: does not initialise CUDA here
+                raise UsageError(f"--nproc {args.nproc} with data.device=gpu needs {args.nproc} GPUs; this machine has "
+                                 f"{torch.cuda.device_count()} (use data.device=cpu for gloo processes)")
         save_given_config(args.config, out)
         return launch_local(args, out)
     if not in_job:

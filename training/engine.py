@@ -333,7 +333,7 @@ def prepare_batch(images: torch.Tensor, labels: torch.Tensor, precision: Precisi
         images = images.permute(0, 3, 1, 2)  # a view: NCHW shape over channels_last memory, no copy
     if not precision.enabled and images.dtype != torch.float32:
         images = images.float()
-    return images, labels.reshape(-1).long()
+    return images, labels.reshape(-1).to(images.device, torch.int64, non_blocking=True)  # labels come on the host
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
