@@ -7,6 +7,8 @@ Stages, each timed over the same class-aware sample order after a warm-up:
              own cheap augmentation: the reference the full graph is held to)
   full       the TrainLoader exactly as training iterates it: rotation, colour jitter, fp16/NCHW,
              class-aware sampling, the copy into torch tensors
+  naive      (only on request) the same augmentation as separate DALI passes: decode the crop,
+             resize, rotate, color_twist, crop_mirror_normalize
 The baseline is the same full augmentation done the torchvision way: a torch DataLoader whose
 workers (as many as DALI has threads) decode with PIL and crop-resize, flip, rotate, jitter
 brightness/contrast/saturation(/hue) with PIL, then normalise with numpy to the same dtype/layout.
@@ -23,12 +25,15 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, draw
-from pipeline.dali import TrainSource, decoder_options
+from pipeline.dali import TrainSource, decoder_options, image_size
 from pipeline.datasets import ImageIndex
 from pipeline.loader import TrainLoader
 from pipeline.sampling import ClassAwareSampler
 
 STAGES = ("read", "decode", "crop_flip", "full")
+# Not run by default: the textbook graph (crop, resize, then rotate, color_twist, crop_mirror_normalize
+# as separate passes), to show what the engineered `full` graph saves.
+EXTRA_STAGES = ("naive",)
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,38 @@ class _CropFlipSource:
         return out["jpeg"], out["anchor"], out["shape"], np.array(out["matrix"][0, 0] < 0, dtype=np.int32)
 
 
+class _NaiveSource:
+    """TrainSource's crop region plus flip, angle and colour factors for the naive graph's own ops."""
+
+    def __init__(self, inner: TrainSource, aug: AugmentSpec) -> None:
+        self.inner, self.aug = inner, aug
+
+    def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
+        out = dict(zip(self.inner.outputs, self.inner(info)))
+        size = image_size(out["jpeg"].tobytes())
+        d = draw(self.aug, self.inner.seed, self.inner.first_epoch + info.epoch_idx, int(out["position"][0]), *size)
+        scalars = (d.angle, d.brightness, d.contrast, d.saturation, d.hue * 360.0)
+        return (out["jpeg"], out["anchor"], out["shape"], np.array(out["matrix"][0, 0] < 0, dtype=np.int32),
+                *(np.array(v, dtype=np.float32) for v in scalars))
+
+
 @pipeline_def
 def stage_pipeline(source: Any, stage: str, decoder: dict[str, Any], crop_size: int, dtype: str, layout: str,
                    parallel: bool):
     """The graph of one bench stage (read, decode or crop_flip)."""
     if stage == "read":
         return tuple(fn.external_source(source=source, num_outputs=len(source.outputs), batch=False, parallel=parallel))
+    if stage == "naive":
+        jpegs, anchor, shape, mirror, angle, brightness, contrast, saturation, hue = fn.external_source(
+            source=_NaiveSource(source, AugmentSpec()), num_outputs=9, batch=False, parallel=parallel)
+        images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", output_type=types.RGB,
+                                         adjust_orientation=False, **decoder)
+        images = fn.resize(images, size=[crop_size, crop_size])
+        images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0)
+        images = fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT,
+                                        output_layout="CHW" if layout == "NCHW" else "HWC", mean=list(IMAGENET_MEAN),
+                                        std=list(IMAGENET_STD))
     jpegs, anchor, shape, mirror = fn.external_source(source=_CropFlipSource(source), num_outputs=4, batch=False,
                                                       parallel=parallel)
     if stage == "decode":

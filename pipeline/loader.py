@@ -90,11 +90,18 @@ def _child_pids() -> set[int]:
 
 
 def _kill(pids: list[int]) -> None:
+    """SIGKILL those of `pids` that are still our children (a reaped pid may have been reused)."""
     for pid in pids:
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent != os.getpid():
+            continue
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
-            os.waitpid(pid, os.WNOHANG)
+            os.waitpid(pid, 0)
 
 
 @contextlib.contextmanager
