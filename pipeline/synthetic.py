@@ -10,7 +10,6 @@ are assigned in a shuffled WNID order, and non-leaf synsets with IDs above K gro
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import math
 from concurrent.futures import ProcessPoolExecutor
@@ -82,9 +81,16 @@ class SyntheticSpec:
 
 
 def class_looks(n: int) -> list[ClassLook]:
-    """The first n looks, varying the most visible feature (shape) fastest."""
-    combos = itertools.product(SIZES, FILLS, BACKGROUNDS, SHAPES)
-    return [ClassLook(shape, bg, fill, size) for size, fill, bg, shape in itertools.islice(combos, n)]
+    """The first n looks, the most distinct first.
+
+    Large solid shapes come first; within each (size, fill) block the k-th look pairs shape k % 8 with
+    background k % 5 (8 and 5 are coprime, so the 40 pairs are all distinct): the first eight looks all
+    differ in shape, and consecutive looks differ in shape and background alike.
+    """
+    blocks = [(size, fill) for size in reversed(SIZES) for fill in FILLS]  # large before small: easier to learn
+    pairs = [(SHAPES[k % len(SHAPES)], BACKGROUNDS[k % len(BACKGROUNDS)]) for k in range(len(SHAPES) * len(BACKGROUNDS))]
+    looks = [ClassLook(shape, bg, fill, size) for size, fill in blocks for shape, bg in pairs]
+    return looks[:n]
 
 
 def render(look: ClassLook, rng: np.random.Generator, min_side: int = 200, max_side: int = 500) -> Image.Image:
