@@ -125,19 +125,23 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_proc(workspace: Path) -> subprocess.Popen:
+def reference_proc(workspace: Path) -> Iterator[subprocess.Popen]:
     """`senet train --nproc 4` of the same config, started at once (it runs while jobs queue)."""
     cpus = sorted(os.sched_getaffinity(0))[:WORLD]  # at most one core per rank, like cpus_per_task=1 in the job
-    return subprocess.Popen([sys.executable, "-m", "training", "train", str(workspace / "test_slurm_jobs.yaml"),
-                             "--nproc", str(WORLD), "--out", str(workspace / "reference")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    with open(workspace / "reference.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "training", "train", str(workspace / "test_slurm_jobs.yaml"),
+                                 "--nproc", str(WORLD), "--out", str(workspace / "reference")],
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    yield proc
+    if proc.poll() is None:  # the module ended early
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
 def reference(reference_proc: subprocess.Popen, workspace: Path) -> Path:
-    out, _ = reference_proc.communicate(timeout=300)
-    assert reference_proc.returncode == 0, out[-3000:]
+    code = reference_proc.wait(timeout=300)
+    assert code == 0, (workspace / "reference.log").read_text()[-3000:]
     return workspace / "reference"
 
 
@@ -190,21 +194,23 @@ def test_dry_run_of_the_paper_recipe_shows_4_nodes_of_8_gpus_and_8_tasks(tmp_pat
     assert list(tmp_path.iterdir()) == []  # nothing submitted, no run folder
 
 
-def test_unknown_partition_is_one_clear_line(cluster: dict[str, str], workspace: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "training", "submit", str(workspace / "test_slurm_jobs.yaml"),
-                           "--out", str(workspace / "refused"), "--partition", "nosuch"],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
+def test_unknown_partition_is_one_clear_line(cluster: dict[str, str], workspace: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    code = main(["submit", str(workspace / "test_slurm_jobs.yaml"), "--out", str(workspace / "refused"),
+                 "--partition", "nosuch"])
+    assert code == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and not captured.out, captured
     assert lines[0].startswith("senet submit: error: sbatch refused the job: Invalid partition") and "debug" in lines[0]
-    assert not (workspace / "refused").exists() or not any((workspace / "refused").iterdir())
+    assert not any((workspace / "refused").iterdir())  # no half run folder left behind
 
 
 def test_two_nodes_two_tasks_complete_and_report_through_the_run_folder(
-        cluster: dict[str, str], workspace: Path, reference: Path, capsys: pytest.CaptureFixture) -> None:
+        cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
     job_id, run_dir = submit(workspace)
     wait_for_end(job_id, run_dir)
+    reference = request.getfixturevalue("reference")  # only now: it ran alongside the job
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows if "val_top1" in r] == list(range(EPOCHS))
@@ -227,7 +233,7 @@ def test_two_nodes_two_tasks_complete_and_report_through_the_run_folder(
 
 
 def test_timeout_requeues_and_resumes_to_the_same_parameters(cluster: dict[str, str], workspace: Path,
-                                                             reference: Path) -> None:
+                                                             request: pytest.FixtureRequest) -> None:
     job_id, run_dir = submit(workspace)
     job = submitit.SlurmJob(folder=run_dir / "logs", job_id=job_id, tasks=list(range(WORLD)))
     wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {job_id} training")
@@ -235,11 +241,11 @@ def test_timeout_requeues_and_resumes_to_the_same_parameters(cluster: dict[str, 
     wait_for_end(job_id, run_dir)
     assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     assert_resumed_from_signal_checkpoint(job_id, run_dir)
-    assert_same_parameters(run_dir, reference)
+    assert_same_parameters(run_dir, request.getfixturevalue("reference"))
 
 
 def test_preemption_by_the_urgent_partition_requeues_and_resumes_to_the_same_parameters(
-        cluster: dict[str, str], workspace: Path, reference: Path) -> None:
+        cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest) -> None:
     job_id, run_dir = submit(workspace, "--partition", "debug")
     wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {job_id} training")
     urgent = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
@@ -249,4 +255,4 @@ def test_preemption_by_the_urgent_partition_requeues_and_resumes_to_the_same_par
     states = sacct_states(job_id)
     assert states[-1] == "COMPLETED" and states[0] in ("PREEMPTED", "REQUEUED"), states
     assert_resumed_from_signal_checkpoint(job_id, run_dir)
-    assert_same_parameters(run_dir, reference)
+    assert_same_parameters(run_dir, request.getfixturevalue("reference"))
