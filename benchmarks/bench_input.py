@@ -11,11 +11,13 @@ Never asserts: the numbers go to benchmarks/RESULTS_input.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -23,11 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.bench import STAGES, BenchSpec, measure_baseline, measure_stage
+from pipeline.bench import (STAGES, BenchSpec, baseline_batches, images_per_second, measure_baseline, measure_stage,
+                            stage_batches)
 from pipeline.datasets import index_train
 from pipeline.synthetic import JPEG_QUALITY, class_looks, encode, render
 
-SIZES = ((500, 375), (375, 500))  # ImageNet's most common landscape and portrait shapes
+SIZES = ((500, 375), (375, 500))
+PREFETCHED = 4  # batches a contender may hold ready when its turn comes (interleaved mode)  # ImageNet's most common landscape and portrait shapes
 
 
 def _write_class(job: tuple[str, int, int, object]) -> None:
@@ -74,12 +78,18 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--interleave", type=int, default=0, metavar="K",
+                   help="keep crop_flip, full and the baseline open and time them in alternating chunks of K batches "
+                        "(--batches in all per contender): pairs that saw the same load on a shared machine")
     p.add_argument("--json")
     args = p.parse_args()
 
     index = index_train(make_imagenet_like(Path(args.data), args.classes, args.per_class))
     spec = BenchSpec(device=args.device, batch_size=args.batch_size, threads=args.threads, py_workers=args.py_workers,
                      batches=args.batches)
+    if args.interleave:
+        interleaved(index, spec, args.interleave, args.json)
+        return
     names = args.stages.split(",") + ([] if args.no_baseline else ["baseline"])
     runs: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -105,6 +115,45 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("machine", "median", "median_cpu_ms_per_image", "median_ratio")}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def interleaved(index, spec: BenchSpec, chunk: int, json_path: str | None) -> None:
+    """crop_flip, full and baseline alive together, timed in alternating chunks; ratios per cycle."""
+    names = ("crop_flip", "full", "baseline")
+    with contextlib.ExitStack() as stack:
+        its = {n: stack.enter_context(baseline_batches(index, spec) if n == "baseline" else stage_batches(index, n, spec))
+               for n in names}
+        for it in its.values():  # warm-up: workers started, caches hot
+            for _ in range(spec.warmup):
+                next(it)
+        wall = {n: [] for n in names}
+        cpu = {n: [] for n in names}
+        for cycle in range(-(-spec.batches // chunk)):
+            for n in names:
+                time.sleep(1.5)  # the contenders refill their prefetch queues now, not while another is timed
+                # ... and those prefetched batches (DALI: 2, the DataLoader: 2 per worker) are not timed.
+                rate = images_per_second(its[n], chunk, PREFETCHED, spec.batch_size)
+                wall[n].append(chunk * spec.batch_size / rate.images_per_s)
+                cpu[n].append(rate.cpu_ms_per_image)
+            print(f"cycle {cycle + 1}: " + "  ".join(f"{n} {chunk * spec.batch_size / wall[n][-1]:5.0f} img/s "
+                                                    f"{cpu[n][-1]:.2f} CPU ms" for n in names)
+                  + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+    images = len(wall["full"]) * chunk * spec.batch_size
+    rate = {n: images / sum(wall[n]) for n in names}
+    cpu_ms = {n: statistics.median(cpu[n]) for n in names}
+    cycles = {"full / crop_flip": [c / f for f, c in zip(wall["full"], wall["crop_flip"])],
+              "full / baseline": [b / f for f, b in zip(wall["full"], wall["baseline"])]}
+    result = {"machine": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "images": len(index), "spec": asdict(spec),
+              "chunk_batches": chunk, "batches_each": images // spec.batch_size, "images_per_s": rate,
+              "cpu_ms_per_image": cpu_ms, "ratio": {"full / crop_flip": rate["full"] / rate["crop_flip"],
+                                                    "full / baseline": rate["full"] / rate["baseline"]},
+              "ratio_per_cycle": cycles,
+              "ratio_cpu": {"crop_flip / full": cpu_ms["crop_flip"] / cpu_ms["full"],
+                            "baseline / full": cpu_ms["baseline"] / cpu_ms["full"]}}
+    print(json.dumps({k: result[k] for k in ("machine", "images_per_s", "cpu_ms_per_image", "ratio", "ratio_cpu")},
+                     indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ brightness/contrast/saturation(/hue) with PIL, then normalise with numpy to the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -158,15 +159,16 @@ def _endless(pipe: Any) -> Iterable[Any]:
             pipe.reset()
 
 
-def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
-    """Images per second of one stage (see the module docstring)."""
+@contextlib.contextmanager
+def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Iterator[Iterator[Any]]:
+    """An endless iterator of one stage's batches (see the module docstring); closed on exit."""
     if stage == "full":
         with TrainLoader(index, batch_size=spec.batch_size, rank=0, world_size=1, local_rank=0, device=spec.device,
                          seed=spec.seed, sampling="class_aware", samples_per_epoch=None, aug=aug,
                          crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, threads=spec.threads,
                          py_workers=spec.py_workers, prefetch=2) as loader:
-            return images_per_second(_epochs(loader), spec.batches, spec.warmup, spec.batch_size,
-                                     sync=spec.device == "gpu")
+            yield iter(_epochs(loader))
+        return
     sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
     flat = replace(aug, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     source = TrainSource(str(index.root), index.files, index.labels, sampler, flat, spec.crop_size, spec.seed, 0, 0,
@@ -176,9 +178,15 @@ def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSp
                           batch_size=spec.batch_size, num_threads=spec.threads, prefetch_queue_depth=2,
                           device_id=0 if spec.device == "gpu" else None, py_num_workers=max(1, spec.py_workers))
     try:
-        return images_per_second(_endless(pipe), spec.batches, spec.warmup, spec.batch_size)
+        yield iter(_endless(pipe))
     finally:
         del pipe
+
+
+def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
+    """Images per second of one stage (see the module docstring)."""
+    with stage_batches(index, stage, spec, aug) as batches:
+        return images_per_second(batches, spec.batches, spec.warmup, spec.batch_size, sync=spec.device == "gpu")
 
 
 def _epochs(loader: TrainLoader) -> Iterable[Any]:
@@ -229,16 +237,17 @@ class PILTrainSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(x, dtype=self.dtype)), int(self.index.labels[i])
 
 
-def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
-    """Images per second of the PIL DataLoader with spec.threads workers and class-aware sampling."""
+@contextlib.contextmanager
+def baseline_batches(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Iterator[Iterator[Any]]:
+    """An endless iterator of the PIL DataLoader's batches: spec.threads workers, class-aware sampling."""
     sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
     data = PILTrainSet(index, aug, spec.crop_size, spec.dtype, spec.layout, spec.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.threads,
+                                         drop_last=True, persistent_workers=True, prefetch_factor=2,
+                                         pin_memory=spec.device == "gpu")
 
-    def epochs() -> Iterable[Any]:
+    def epochs() -> Iterator[Any]:
         epoch = 0
-        loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, sampler=sampler,
-                                             num_workers=spec.threads, drop_last=True, persistent_workers=True,
-                                             prefetch_factor=2, pin_memory=spec.device == "gpu")
         while True:
             sampler.set_epoch(epoch)
             for images, labels in loader:
@@ -247,7 +256,18 @@ def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = Augm
                 yield images, labels
             epoch += 1
 
-    return images_per_second(epochs(), spec.batches, spec.warmup, spec.batch_size, sync=spec.device == "gpu")
+    batches = epochs()
+    try:
+        yield batches
+    finally:
+        batches.close()
+        del loader  # persistent workers stop with the loader's iterator
+
+
+def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
+    """Images per second of the PIL DataLoader with spec.threads workers and class-aware sampling."""
+    with baseline_batches(index, spec, aug) as batches:
+        return images_per_second(batches, spec.batches, spec.warmup, spec.batch_size, sync=spec.device == "gpu")
 
 
 def run_bench(index: ImageIndex, spec: BenchSpec, stages: Iterable[str] = STAGES, baseline: bool = False,
