@@ -304,7 +304,8 @@ def plot(result: dict[str, Any], path: str) -> None:
 
     names = list(result["stages"]) + [f"baseline (PIL) {k}" for k in result["baseline"]]
     values = list(result["stages"].values()) + list(result["baseline"].values())
-    colours = ["tab:blue"] * len(result["stages"]) + ["tab:gray"] * len(result["baseline"])
+    colours = ["tab:blue" if k == "full" else "lightsteelblue" for k in result["stages"]]  # full: the headline
+    colours += ["tab:gray"] * len(result["baseline"])
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.4))
     bars = ax.barh(names[::-1], values[::-1], color=colours[::-1])
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values[::-1]], padding=3)
