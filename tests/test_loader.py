@@ -82,6 +82,16 @@ def test_same_draws_for_the_same_global_positions_under_another_world_size(clean
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def test_prefetch_depth_and_workers_do_not_change_the_batches(clean) -> None:
+    index, bad = clean
+    runs = []
+    for prefetch, py_workers in ((1, 0), (3, 2)):
+        with train_loader(index, exclude=bad, prefetch=prefetch, py_workers=py_workers) as loader:
+            runs.append([batch for batch, _ in zip(loader, range(3))])
+    for (x, y), (x2, y2) in zip(*runs):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_epochs_differ_and_repeat(clean) -> None:
     index, bad = clean
     with train_loader(index, exclude=bad) as loader:
