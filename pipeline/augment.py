@@ -5,16 +5,20 @@ Every random choice for a sample comes from ``np.random.default_rng((seed, epoch
 sample receives does not depend on the world size, on how far DALI prefetches, or on where a run was
 resumed; a resumed run needs only (epoch, position).
 
-The draws are turned into arguments for ONE resampling pass and ONE colour pass (pipeline.dali):
+The draws are turned into arguments for ONE resampling pass (pipeline.dali) and ONE colour pass
+(pipeline.loader.apply_colour):
 
 - geometry: random-size crop (as torchvision's RandomResizedCrop: area fraction, log-uniform aspect,
   10 tries, then a centre crop), mirror flip and rotation about the crop's centre become a single 2x3
   matrix mapping output pixels to the decoded region, plus that region (the bounding box of the
-  rotated crop, so a rotated crop shows image content in its corners wherever the image has some);
-- colour: brightness, contrast, saturation and hue (applied in that fixed order) and the ImageNet
-  normalisation are one per-sample affine map ``out = M @ rgb + t0 + v * gray_mean`` where gray_mean
-  is the mean luma of the warped crop (contrast pivots on it, as torchvision's does). No clipping
-  between the steps: the map stays linear (DALI's color_twist does not clip either).
+  rotated crop, so a rotated crop shows image content in its corners wherever the image has some;
+  beyond the image's edge the edge pixels repeat, where torchvision would paint black). When the
+  warp would shrink by more than 2x, the region is first resized with an antialiasing filter.
+- colour: brightness, contrast, saturation and hue (applied in that fixed order; torchvision shuffles
+  it) and the ImageNet normalisation are one per-sample affine map ``out = M @ rgb + t0 + v *
+  gray_mean`` where gray_mean is the mean luma of the warped crop (contrast pivots on it, as
+  torchvision's does). No clipping between the steps: the map stays linear (DALI's color_twist does
+  not clip either).
 """
 from __future__ import annotations
 

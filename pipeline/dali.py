@@ -4,8 +4,9 @@ Train: a parallel external_source reads this rank's files in sampler order, scre
 the image size from the header and draws the sample's augmentation on the host (pipeline.augment),
 so the graph only executes per-sample arguments:
 
-    bytes -> decode only the needed region (image_slice) -> ONE warp_affine (crop + scale + rotate +
-    flip) to float HWC;  per sample also the packed colour matrix [M | t0 | v] (3 x 5)
+    bytes -> decode only the needed region (image_slice) -> [antialiased resize, only for the few
+    samples the warp would shrink by > 2x] -> ONE warp_affine (crop + scale + rotate + flip) to
+    float HWC;  per sample also the packed colour matrix [M | t0 | v] (3 x 5)
 
 and the loader applies brightness, contrast, saturation, hue, the normalisation, the layout and the
 dtype as ONE batched matrix product after the iterator (pipeline.loader.apply_colour).
