@@ -90,7 +90,8 @@ class SlurmControl(RunControl):
     def __init__(self, dist: DistInfo, check_every: int = CHECK_EVERY) -> None:
         super().__init__(check_every)
         self.dist = dist
-        self.warn_signal = submitit.JobEnvironment._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+        # USR2, unless SUBMITIT_PREEMPT_SIGNAL names another (never USR1: NCCL's)
+        self.warn_signal = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
         self.requeue_handler: Callable[[int, FrameType | None], Any] | None = None
         self.warned = False  # USR2 seen by this rank
         self.terminated = False  # SIGTERM seen by this rank

@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
-import os
 import re
 import shlex
 import shutil
@@ -36,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from training.config import Config, ConfigError
-
-log = logging.getLogger("senet.slurm")
 
 JOB_PREFIX = "senet-"  # job names: senet-<run folder name>; `senet jobs` lists these
 LOGS, CODE, JOB_FILE, GIVEN_CONFIG = "logs", "code", "job.json", "config.given.yaml"
