@@ -106,13 +106,19 @@ def _torch_device(device: str) -> torch.device:
 
 
 def time_interleaved(
-    calls: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+    calls: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Milliseconds of each call, ``repeats`` times, interleaved.
 
     Each repeat runs every call once, alternating the order, so that a slow drift of the machine
     (clock, thermal state, another process) hits all of them alike and their ratio stays fair.
-    On GPU each call is timed between ``torch.cuda.synchronize()`` calls.
+    On GPU each call is timed between ``torch.cuda.synchronize()`` calls. ``clock`` is wall time by
+    default; ``time.process_time`` measures this process's CPU time instead, which other
+    processes' load hardly changes (use it with one torch thread: idle threads may spin).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -125,10 +131,10 @@ def time_interleaved(
     for r in range(repeats):
         for n in names if r % 2 == 0 else reversed(names):
             sync()
-            start = time.perf_counter()
+            start = clock()
             calls[n]()
             sync()
-            times[n].append((time.perf_counter() - start) * 1e3)
+            times[n].append((clock() - start) * 1e3)
     return times
 
 

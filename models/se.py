@@ -35,9 +35,14 @@ class SqueezeExcitation(nn.Module):
         self.reduce = nn.Linear(channels, self.hidden)
         self.expand = nn.Linear(self.hidden, channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Per-channel gate in (0, 1) for ``x`` (N, C, H, W), shaped (N, C, 1, 1) to broadcast."""
-        squeezed = x.mean((2, 3))  # squeeze: global average pool, Eq. 2
+    def forward(self, x: Tensor, squeezed: Tensor | None = None) -> Tensor:
+        """Per-channel gate in (0, 1) for ``x`` (N, C, H, W), shaped (N, C, 1, 1) to broadcast.
+
+        ``squeezed`` is ``x.mean((2, 3))`` when the caller already has it more cheaply
+        (see ``Bottleneck.squeeze``); it is computed here otherwise.
+        """
+        if squeezed is None:
+            squeezed = x.mean((2, 3))  # squeeze: global average pool, Eq. 2
         excited = self.expand(F.relu(self.reduce(squeezed), inplace=True)).sigmoid()  # excitation, Eq. 3
         return excited.view(x.shape[0], x.shape[1], 1, 1)
 

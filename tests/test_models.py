@@ -156,6 +156,20 @@ def test_fused_scale_and_add_is_identity_plus_scaled_branch() -> None:
     assert out.data_ptr() == branch.data_ptr()
 
 
+def test_inference_squeeze_from_the_conv3_input_equals_pooling_the_branch() -> None:
+    torch.manual_seed(0)
+    block = Bottleneck(64, 32, 32, 128, se_reduction=16)
+    for bn in (block.bn2, block.bn3):  # non-trivial statistics, so the BN algebra is exercised
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    hidden = torch.rand(2, 32, 9, 9)
+    assert block.squeeze(block.bn3(block.conv3(hidden)), hidden) is None  # training: BN uses batch stats
+    block.eval()
+    with torch.no_grad():
+        branch = block.bn3(block.conv3(hidden))
+        torch.testing.assert_close(block.squeeze(branch, hidden), branch.mean((2, 3)), rtol=1e-5, atol=1e-5)
+
+
 def test_se_hidden_width_is_channels_over_r() -> None:
     assert SqueezeExcitation(2048, 16).reduce.out_features == 128  # C/r, not NVIDIA's fixed 16
     model = _meta_model("se_resnet50")
