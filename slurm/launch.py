@@ -232,6 +232,8 @@ def explain_sbatch_error(text: str) -> str:
     errors = [ln for ln in lines if "error" in ln.lower()] or lines or ["no message"]
     message = errors[-1]
     message = re.sub(r"^(sbatch: )?error: (Batch job submission failed: )?", "", message)
+    if no_configuration(text):
+        return f"sbatch cannot find the cluster: {message} ({NO_CONFIGURATION_HINT})"
     for words, (what, fields, per_node, advice) in SBATCH_HINTS.items():
         if any(word in message.lower() for word in words):
             known = sinfo(fields, per_node)
@@ -239,6 +241,14 @@ def explain_sbatch_error(text: str) -> str:
                 message += f" ({what}: {known}; {advice})"
             break
     return f"sbatch refused the job: {message}"
+
+
+NO_CONFIGURATION_HINT = "set SLURM_CONF to the cluster's slurm.conf; for the local test cluster: source .slurm-local/env"
+
+
+def no_configuration(stderr: str) -> bool:
+    """A Slurm client's complaint that it found no slurm.conf (no SLURM_CONF, no configless DNS record)."""
+    return any(words in stderr for words in ("configuration source", "fetch config", "resolve_ctls_from_dns_srv"))
 
 
 # sbatch complaint (any of these words) -> what sinfo can add: (label, fields, per node, advice)

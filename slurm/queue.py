@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from slurm.launch import JOB_PREFIX
+from slurm.launch import JOB_PREFIX, NO_CONFIGURATION_HINT, no_configuration
 
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
           "SUSPENDED", "STOPPED", "PREEMPTED", "SIGNALING", "STAGE_OUT"}  # states a job can leave by itself
@@ -43,10 +43,10 @@ def slurm_command(*args: str, timeout: float = 30) -> str:
     except subprocess.TimeoutExpired:
         raise SlurmError(f"{' '.join(args)} did not answer within {timeout:.0f} s; is slurmctld up?") from None
     if done.returncode:
+        if no_configuration(done.stderr):
+            raise SlurmError(f"{args[0]} cannot find the cluster ({NO_CONFIGURATION_HINT})")
         lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()] or [f"exit status {done.returncode}"]
-        message = re.sub(r"^\w+: error: ", "", lines[0])
-        if "configuration" in message.lower():
-            message += " (set SLURM_CONF, e.g. `source .slurm-local/env` for the local cluster)"
+        message = re.sub(r"^[\w-]+: error: ", "", lines[0])
         raise SlurmError(f"{args[0]}: {message}")
     return done.stdout
 
@@ -62,7 +62,7 @@ def list_jobs() -> list[JobInfo]:
         out = slurm_command("squeue", "-h", "-u", user, "-o", "%i|%j|%T|%M|%D|%Z")
         rows = [line.split("|") for line in out.splitlines() if line]
     jobs = [JobInfo(r[0], r[1], r[2].split()[0], r[3], r[4], r[5]) for r in rows if len(r) >= 6]
-    return [j for j in jobs if j.name.startswith(JOB_PREFIX)]
+    return sorted((j for j in jobs if j.name.startswith(JOB_PREFIX)), key=lambda j: [int(x) for x in j.job_id.split("_")])
 
 
 def job_state(job_id: str) -> str:

@@ -249,7 +249,7 @@ def test_preemption_by_the_urgent_partition_requeues_and_resumes_to_the_same_par
     job_id, run_dir = submit(workspace, "--partition", "debug")
     wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {job_id} training")
     urgent = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
-                   "--job-name=senet-test_slurm_jobs-urgent", "--wrap", "true").strip()
+                   "--job-name=urgent-test_slurm_jobs", "--wrap", "true").strip()
     wait_for_end(job_id, run_dir)
     assert sacct_states(urgent) == ["COMPLETED"]
     states = sacct_states(job_id)
