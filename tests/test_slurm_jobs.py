@@ -25,7 +25,9 @@ import submitit
 import torch
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
+from slurm.launch import check_job_config, parse_time, sbatch_parameters
 from training.cli import main
+from training.config import ConfigError, load_config
 from training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +194,22 @@ def test_dry_run_of_the_paper_recipe_shows_4_nodes_of_8_gpus_and_8_tasks(tmp_pat
         assert line in script.splitlines(), script
     assert "submitit.core._submit" in script and "PYTHONPATH=" in script
     assert list(tmp_path.iterdir()) == []  # nothing submitted, no run folder
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("45:30", 46), ("1:30:00", 90), ("2-00:00:00", 2880),
+                                           ("1-12", 2160), ("0-00:01", 1)])
+def test_time_limits_in_slurm_formats(text: str, minutes: int) -> None:
+    assert parse_time(text) == minutes
+
+
+def test_cpu_job_has_one_task_per_node_and_no_gpus(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["slurm.gpus_per_node=0", "slurm.partition=debug"])
+    params = sbatch_parameters(cfg, tmp_path / "run")
+    assert params["ntasks_per_node"] == 1 and "gpus_per_node" not in params and params["partition"] == "debug"
+    with pytest.raises(ConfigError, match="slurm.gpus_per_node = 0"):
+        check_job_config(load_config(ROOT / "configs" / "demo.yaml", ["slurm.gpus_per_node=0", "data.device=gpu"]))
+    with pytest.raises(ConfigError, match="signal_delay_s"):
+        check_job_config(load_config(ROOT / "configs" / "demo.yaml", ["slurm.time_min=1", "slurm.signal_delay_s=60"]))
 
 
 def test_unknown_partition_is_one_clear_line(cluster: dict[str, str], workspace: Path,
