@@ -170,3 +170,27 @@ def test_config_errors_are_one_line_and_exit_2(data: Path, config: Path, tmp_pat
     code, err = run_cli(["bench-train", str(config), "--set", f"data.root={data}", "--set", "model.arch=se_resnext9000"], capsys)
     assert code == 2 and len(err) == 1 and "se_resnext9000" in err[0]
     assert not (tmp_path / "runs").exists(), "a failed start must not leave a run folder"
+
+
+@needs_loader
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_in_bounded_time(data: Path, config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dead"
+    proc = senet("train", str(config), "--nproc", "2", "--out", str(out), *settings(
+        data, tmp_path, "data.crop_size=32", "train.epochs=50", "train.batch_size=8", "train.log_every=1",
+        "train.dist_timeout_s=30"))
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # both ranks are training once rank 0 has logged a step
+    ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(ranks) == 2, ranks
+    print("ranks", ranks, [Path(f"/proc/{r}/cmdline").read_bytes()[:80] for r in ranks])
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.monotonic()
+    for i in range(40):
+        time.sleep(1)
+        if proc.poll() is not None: break
+        st = [Path(f"/proc/{r}/stat").read_text().split()[2] if Path(f"/proc/{r}").exists() else "gone" for r in ranks]
+        print(i, st, flush=True)
+    code, text = finish(proc, timeout=60)  # also waits for every process holding its output: none may linger
+    assert code != 0 and time.monotonic() - killed < 30, text[-2000:]

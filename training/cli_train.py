@@ -11,6 +11,8 @@ clean stop at the next agreed step boundary.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -98,7 +100,29 @@ def launch_local(args: argparse.Namespace, out: Path) -> int:
     command = [sys.executable, "-m", "training", "train", args.config, "--out", str(out), "--resume", args.resume]
     for item in args.set:
         command += ["--set", item]
-    return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
+    become_subreaper()
+    try:
+        return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
+    finally:
+        kill_orphans()
+
+
+def become_subreaper() -> None:
+    """Adopt what our ranks leave behind (a SIGKILLed rank's DALI workers survive it) so we can end it."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # 36 = PR_SET_CHILD_SUBREAPER (Linux)
+
+
+def kill_orphans() -> None:
+    """SIGKILL and reap every process still parented to this launcher once the ranks have exited."""
+    children: set[int] = set()
+    for task in Path("/proc/self/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children.update(int(pid) for pid in (task / "children").read_text().split())
+    for pid in sorted(children):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 # ---------------------------------------------------------------------------------------- bench-train
