@@ -463,6 +463,8 @@ def build_run(cfg: Config, dist: DistInfo, out: Path, data: Data, train_loader: 
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        if device.type == "cpu":  # exact resume with any number of ranks (see ordered_mean_hook)
+            train_model.register_comm_hook(None, distmod.ordered_mean_hook)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     steps_per_epoch = len(train_loader)
