@@ -23,12 +23,26 @@ $(VENV)/.installed: pyproject.toml
 test: install slurm-up
 	$(PY) -m pytest -q tests; status=$$?; $(MAKE) -s slurm-down; exit $$status
 
+# The whole story on synthetic data, CPU only, about 10 minutes; everything lands in demo/ (REPORT.md first).
+DATA := $(DEMO)/data
+KIT := $(DATA)/ILSVRC2012_devkit_t12
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(SENET) make-synthetic $(DEMO)/data --classes 10 --train-per-class 120 --val-per-class 30 --test 100 --imbalance 4 --corrupt 5 --seed 0
-	# check-data exits 1 because the demo plants undecodable files on purpose; they go to the exclusion list.
-	$(SENET) check-data $(DEMO)/data --cache-dir $(DEMO)/cache --exclude-out $(DEMO)/exclude.txt --json $(DEMO)/check.json || test $$? -eq 1
-	@echo "demo results are in $(DEMO)/"
+	$(SENET) make-synthetic $(DATA) --classes 10 --train-per-class 120 --val-per-class 30 --test 100 --imbalance 4 --corrupt 5 --seed 0 --quiet
+	@# check-data exits 1: the demo plants undecodable files on purpose; they go to the exclusion list.
+	$(SENET) check-data $(DATA) --cache-dir $(DEMO)/cache --exclude-out $(DEMO)/exclude.txt --json $(DEMO)/check.json --quiet || test $$? -eq 1
+	$(SENET) preview-augment $(DATA) --out $(DEMO)/augment.png --crop-size 64
+	$(SENET) train configs/demo.yaml --nproc 2 --out $(DEMO)/run
+	$(SENET) predict $(DEMO)/run/checkpoints/best.pt $(DATA)/val --devkit $(KIT) --out $(DEMO)/val_predictions.txt --cache-dir $(DEMO)/cache
+	$(SENET) evaluate $(DEMO)/val_predictions.txt --ground-truth $(KIT)/data/ILSVRC2012_validation_ground_truth.txt --devkit $(KIT) --json $(DEMO)/val_score.json
+	$(SENET) predict $(DEMO)/run/checkpoints/best.pt $(DATA)/test --devkit $(KIT) --out $(DEMO)/submission.txt --cache-dir $(DEMO)/cache
+	$(SENET) bench-input $(DATA) --threads 2 --py-workers 1 --batch-size 32 --batches 40 --baseline --json $(DEMO)/bench.json --plot $(DEMO)/bench.png
+	$(MAKE) -s slurm-up
+	. .slurm-local/env && $(SENET) submit configs/demo.yaml --json $(DEMO)/slurm.json \
+	  && job=$$($(PY) -c "import json; print(json.load(open('$(DEMO)/slurm.json'))['job_id'])") \
+	  && $(SENET) logs $$job --follow > $(DEMO)/slurm_rank0.log; status=$$?; $(MAKE) -s slurm-down; exit $$status
+	$(SENET) report $(DEMO)
+	@echo "demo results are in $(DEMO)/ - start with $(DEMO)/REPORT.md"
 
 slurm-up:
 	slurm/cluster/up.sh

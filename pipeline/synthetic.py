@@ -24,7 +24,9 @@ from pipeline.devkit import DEVKIT_DIRNAME, Synset, write_devkit
 from pipeline.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "horizontal bar", "vertical bar")
-BACKGROUNDS = ("plain", "horizontal stripes", "vertical stripes", "checkerboard", "dots")
+# Textures survive flips, +-10 degree tilts and the zoom of random-size crops (none differs from another by scale).
+BACKGROUNDS = ("plain", "horizontal stripes", "vertical stripes", "checkerboard", "dots", "grid", "crosshatch",
+               "concentric rings", "diamond lattice")
 FILLS = ("solid", "outlined")
 SIZES = ("small", "large")
 MAX_CLASSES = len(SHAPES) * len(BACKGROUNDS) * len(FILLS) * len(SIZES)
@@ -84,8 +86,8 @@ def class_looks(n: int) -> list[ClassLook]:
     """The first n looks, the most distinct first.
 
     Large solid shapes come first; within each (size, fill) block the k-th look pairs shape k % 8 with
-    background k % 5 (8 and 5 are coprime, so the 40 pairs are all distinct): the first eight looks all
-    differ in shape, and consecutive looks differ in shape and background alike.
+    background k % 9 (8 and 9 are coprime, so the 72 pairs are all distinct): the first nine looks all
+    differ in background texture (learnt first) and the first eight in shape too.
     """
     blocks = [(size, fill) for size in reversed(SIZES) for fill in FILLS]  # large before small: easier to learn
     pairs = [(SHAPES[k % len(SHAPES)], BACKGROUNDS[k % len(BACKGROUNDS)]) for k in range(len(SHAPES) * len(BACKGROUNDS))]
@@ -101,7 +103,7 @@ def render(look: ClassLook, rng: np.random.Generator, min_side: int = 200, max_s
     draw = ImageDraw.Draw(img)
     _draw_background(draw, look.background, w, h, pattern, rng)
     side = min(w, h)
-    lo, hi = (0.10, 0.15) if look.size == "small" else (0.20, 0.28)  # of the short side
+    lo, hi = (0.10, 0.15) if look.size == "small" else (0.20, 0.28)  # diameter, of the short side
     count = int(rng.integers(8, 13) if look.size == "small" else rng.integers(3, 6))
     for _ in range(count):
         r = side * rng.uniform(lo, hi) / 2
@@ -139,6 +141,25 @@ def _draw_background(draw: ImageDraw.ImageDraw, kind: str, w: int, h: int, color
         for y in range(half, h, period):
             for x in range(half, w, period):
                 draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=color)
+    elif kind == "grid":
+        line = max(2, period // 5)
+        for y in range(int(rng.integers(period)), h, period):
+            draw.rectangle([0, y, w, y + line - 1], fill=color)
+        for x in range(int(rng.integers(period)), w, period):
+            draw.rectangle([x, 0, x + line - 1, h], fill=color)
+    elif kind == "crosshatch":  # both diagonals, so a mirror flip leaves it unchanged
+        line = max(2, period // 4)
+        for c in range(-h, w + h, period):
+            draw.line([(c, 0), (c + h, h)], fill=color, width=line)
+            draw.line([(c, h), (c + h, 0)], fill=color, width=line)
+    elif kind == "concentric rings":
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        for r in range(int(math.hypot(w, h)) + period, 0, -period):
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=half)
+    elif kind == "diamond lattice":
+        for y in range(0, h + period, period):
+            for x in range((y // period) % 2 * half, w + period, period):
+                draw.polygon([(x, y - half), (x + half, y), (x, y + half), (x - half, y)], fill=color)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple, outlined: bool) -> None:

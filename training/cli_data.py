@@ -61,6 +61,15 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from training.report import write_report
+
+    if not Path(args.demo).is_dir():
+        raise UsageError(f"{args.demo}: no such folder (run `make demo` first)")
+    print(f"wrote {write_report(Path(args.demo))}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `senet` parser."""
     p = sub.add_parser("make-synthetic", help="write a small learnable data set in the ILSVRC2012 layout")
@@ -88,3 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config-reference", help="print every configuration key with type, default and meaning")
     p.add_argument("--out", help="write Markdown here instead of printing")
     p.set_defaults(func=cmd_config_reference)
+
+    p = sub.add_parser("report", help="write REPORT.md (numbers and plots) from the outputs of `make demo`")
+    p.add_argument("demo", nargs="?", default="demo", help="the demo folder (default: demo)")
+    p.set_defaults(func=cmd_report)
