@@ -273,7 +273,10 @@ def in_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(engine, "build_model", small_model)
     overrides = ["model.num_classes=3", "data.device=cpu", "train.epochs=3", "train.batch_size=8", "train.log_every=4",
                  "train.checkpoint_every=5", "optim.lr=0.1", "optim.reference_batch=8", "optim.warmup_epochs=1"]
-    return load_config(None, overrides), tmp_path
+    threads = torch.get_num_threads()
+    yield load_config(None, overrides), tmp_path
+    torch.use_deterministic_algorithms(False)  # run() set them for this process; leave the next tests as found
+    torch.set_num_threads(threads)
 
 
 def test_stop_on_request_then_resume_is_exact_and_metrics_read_as_one_run(in_memory) -> None:
