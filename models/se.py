@@ -42,7 +42,9 @@ class SqueezeExcitation(nn.Module):
         (see ``Bottleneck.squeeze``); it is computed here otherwise.
         """
         if squeezed is None:
-            squeezed = x.mean((2, 3))  # squeeze: global average pool, Eq. 2
+            # Squeeze, Eq. 2: the global average pool, as sum / (H W) rather than mean(): the backward
+            # of sum is a broadcast view, mean's writes a full-size gradient tensor (a pass per block).
+            squeezed = x.sum((2, 3)) / (x.shape[2] * x.shape[3])
         excited = self.expand(F.relu(self.reduce(squeezed), inplace=True)).sigmoid()  # excitation, Eq. 3
         return excited.view(x.shape[0], x.shape[1], 1, 1)
 
@@ -57,6 +59,8 @@ def scale_and_add(identity: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
     When autograd does not need ``branch`` (inference), the result overwrites ``branch``:
     a fresh activation-sized buffer per block costs an allocation and page faults on CPU.
     """
-    if torch.is_grad_enabled() and (branch.requires_grad or gate.requires_grad or identity.requires_grad):
+    gate = gate.to(branch.dtype)  # a no-op normally; keeps a bf16 branch bf16 if the gate came out fp32
+    recording = torch.is_grad_enabled() and (branch.requires_grad or gate.requires_grad or identity.requires_grad)
+    if recording or identity.dtype != branch.dtype:
         return torch.addcmul(identity, branch, gate)  # autograd saves branch and gate for backward
     return torch.addcmul(identity, branch, gate, out=branch)

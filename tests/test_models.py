@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,17 @@ from models.se import scale_and_add
 
 # 64 px is enough for every model: the ceil-mode pools keep BN-Inception's maps >= 2x2 at the end.
 SMALL_INPUT = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: small inputs gain little from two, and on this shared 2-core sandbox a
+    2-thread ResNet-152 step took 0.4 s alone but up to 30 s while other jobs ran (OpenMP threads
+    wait on descheduled peers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _meta_model(name: str, **overrides: object) -> nn.Module:
