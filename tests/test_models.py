@@ -181,6 +181,8 @@ def test_inference_squeeze_from_the_conv3_input_equals_pooling_the_branch() -> N
     with torch.no_grad():
         branch = block.bn3(block.conv3(hidden))
         torch.testing.assert_close(block.squeeze(branch, hidden), branch.mean((2, 3)), rtol=1e-5, atol=1e-5)
+        tiny = hidden[:1, :, :2, :2]  # 4 positions: re-reading conv3's weights would cost more than it saves
+        assert block.squeeze(block.bn3(block.conv3(tiny)), tiny) is None
 
 
 def test_se_hidden_width_is_channels_over_r() -> None:
