@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import synthetic
-from pipeline.synthetic import SHAPES, ClassLook, SyntheticSpec, make_synthetic
+from pipeline.synthetic import SyntheticSpec, make_synthetic
 from training.cli import main
 from training.metrics import read_metrics
 
@@ -32,21 +31,12 @@ BASE = [f"model.num_classes={CLASSES}", "data.device=cpu", "data.dtype=float32",
         "train.precision=fp32"]
 
 
-# make-synthetic's first six looks are all *small* shapes on plain backgrounds: about 6 px at a 48 px
-# crop, below what a tiny net with a 4x-downsampling stem learns in CPU minutes. These six differ in
-# shape and background texture and are large: the same renderer and writer, easier classes.
-BACKGROUNDS = ("plain", "horizontal stripes", "vertical stripes", "checkerboard", "dots", "plain")
-EASY_LOOKS = [ClassLook(shape, background, "solid", "large") for shape, background in zip(SHAPES, BACKGROUNDS)]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 learnable classes of small images (64-112 px), ILSVRC layout with a devkit."""
+    """6 classes of small images (64-112 px), ILSVRC layout with a devkit."""
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(synthetic, "class_looks", lambda n: EASY_LOOKS[:n])
-        make_synthetic(root, SyntheticSpec(classes=CLASSES, train_per_class=100, val_per_class=10, test=0, seed=1,
-                                           min_side=64, max_side=112))
+    make_synthetic(root, SyntheticSpec(classes=CLASSES, train_per_class=100, val_per_class=10, test=0, seed=1,
+                                       min_side=64, max_side=112))
     return root
 
 
@@ -74,21 +64,14 @@ def settings(data: Path, tmp: Path, *extra: str) -> list[str]:
 
 @needs_loader
 @pytest.mark.slow
-def test_two_processes_learn_the_synthetic_task(data: Path, config: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = senet("train", str(config), "--nproc", "2", "--out", str(out), *settings(
-        data, tmp_path, "data.sampling=class_aware", "data.crop_size=48", "data.rotation=10", "data.brightness=0.4",
-        "data.contrast=0.4", "data.saturation=0.4", "data.hue=0.05", "data.flip=0.5",
-        "train.epochs=16", "train.batch_size=16", "train.log_every=5", "train.checkpoint_every=50",
-        "optim.lr=0.15", "optim.reference_batch=64", "optim.warmup_epochs=1", "optim.schedule=cosine",
-        "optim.label_smoothing=0.1"))
-    code, text = finish(proc, timeout=300)
-    assert code == 0, text[-3000:]
+def test_two_processes_learn_the_synthetic_task(learned: dict[str, Path]) -> None:
+    """Two gloo processes, class-aware sampling, flip + rotation + colour jitter (the `learned` fixture)."""
+    out = learned["run"]
     rows = read_metrics(out / "metrics.jsonl")
     val = [r for r in rows if "val_top1" in r]
     train = [r for r in rows if "loss" in r]
     assert len(val) == 16 and val[-1]["val_images"] == CLASSES * 10  # every val image counted exactly once
-    assert val[-1]["val_top1"] >= 0.6, val  # chance is 1/6
+    assert val[-1]["val_top1"] >= 0.5, val  # chance is 1/6
     assert all(0 <= r["val_top1"] <= r["val_top5"] <= 1 for r in val)
     for r in train:
         assert {"step", "epoch", "loss", "lr", "images_per_s", "data_wait_fraction"} <= r.keys()
@@ -99,7 +82,7 @@ def test_two_processes_learn_the_synthetic_task(data: Path, config: Path, tmp_pa
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["arch"] == "se_resnext_tiny" and ckpt["num_classes"] == CLASSES and len(ckpt["classes"]) == CLASSES
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    assert ckpt["config"]["data"]["root"] == str(data) and ckpt["world_size"] == 2
+    assert ckpt["config"]["data"]["root"] == str(learned["data"]) and ckpt["world_size"] == 2
     best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
     assert best["best_top1"] == max(r["val_top1"] for r in val)
 
@@ -184,13 +167,7 @@ def test_a_dead_rank_ends_the_job_in_bounded_time(data: Path, config: Path, tmp_
         time.sleep(0.05)  # both ranks are training once rank 0 has logged a step
     ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     assert len(ranks) == 2, ranks
-    print("ranks", ranks, [Path(f"/proc/{r}/cmdline").read_bytes()[:80] for r in ranks])
     os.kill(ranks[1], signal.SIGKILL)
     killed = time.monotonic()
-    for i in range(40):
-        time.sleep(1)
-        if proc.poll() is not None: break
-        st = [Path(f"/proc/{r}/stat").read_text().split()[2] if Path(f"/proc/{r}").exists() else "gone" for r in ranks]
-        print(i, st, flush=True)
     code, text = finish(proc, timeout=60)  # also waits for every process holding its output: none may linger
     assert code != 0 and time.monotonic() - killed < 30, text[-2000:]
