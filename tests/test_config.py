@@ -85,3 +85,8 @@ def test_reference_documents_every_key() -> None:
                 "train.epochs", "train.batch_size", "train.checkpoint_every", "train.seed", "optim.lr",
                 "optim.reference_batch", "data.cache_dir", "data.exclude_file", "slurm.nodes"):
         assert f"`{key}`" in ref
+
+
+def test_the_committed_reference_matches_the_code() -> None:
+    """docs/config.md is generated (`senet config-reference --out docs/config.md`); it must not drift."""
+    assert config_reference() in (REPO / "docs" / "config.md").read_text()
