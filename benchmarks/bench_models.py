@@ -157,9 +157,9 @@ def table(title: str, times: dict[str, list[float]]) -> str:
     ]
     for n, r in ratios(times).items():
         t = times[n]
-        lines.append(
-            f"| {n} | {statistics.median(t):.1f} | {min(t):.1f} | {r['medians']:.3f} | {r['mins']:.3f} | {r['paired']:.3f} |"
-        )
+        ratio_cells = [f"{r[k]:.3f}" for k in ("medians", "mins", "paired")]
+        cells = [f"{statistics.median(t):.1f}", f"{min(t):.1f}", *ratio_cells]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -192,8 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if gpu and args.clock == "cpu":
         raise SystemExit("--clock cpu measures host CPU time, not GPU work; use --clock wall with --device cuda")
-    result: dict[str, Any] = {"machine": machine(device), "device": device.type, "batch_size": batch,
-                              "input_size": args.input_size, "clock": args.clock, "torch": torch.__version__}  # fmt: skip
+    result: dict[str, Any] = {
+        "machine": machine(device), "device": device.type, "batch_size": batch, "input_size": args.input_size,
+        "clock": args.clock, "torch": torch.__version__,
+    }  # fmt: skip
     print(f"# SE cost on {result['machine']} (torch {torch.__version__}), batch {batch} at {args.input_size}, "
           f"{args.clock} clock; load average {os.getloadavg()[0]:.1f} at start")
     # bf16 autocast on GPU; fp32 on CPU (this sandbox's CPU lists no AMX or AVX512-BF16 in lscpu).

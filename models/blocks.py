@@ -24,8 +24,8 @@ class Bottleneck(nn.Module):
 
     ResNet (He et al. 2016, Fig. 5), ResNeXt (Xie et al. 2017, Fig. 3c) and the SE-ResNet module
     (arXiv:1709.01507, Fig. 3): SE gates the residual branch after its last BN and before the
-    identity addition. The scale is fused into the addition (``addcmul``) so SE adds one pooling
-    pass over the tensor and nothing else.
+    identity addition. The scale is fused into the addition (``addcmul``), so SE adds a pooling
+    pass (over the 4x narrower conv3 input at inference, see :meth:`squeeze`) and two tiny FCs.
 
     Args:
         in_channels: channels entering the block.
