@@ -31,12 +31,12 @@ demo: install
 	$(SENET) make-synthetic $(DATA) --classes 10 --train-per-class 120 --val-per-class 30 --test 100 --imbalance 4 --corrupt 5 --seed 0 --quiet
 	@# check-data exits 1: the demo plants undecodable files on purpose; they go to the exclusion list.
 	$(SENET) check-data $(DATA) --cache-dir $(DEMO)/cache --exclude-out $(DEMO)/exclude.txt --json $(DEMO)/check.json --quiet || test $$? -eq 1
-	$(SENET) preview-augment $(DATA) --out $(DEMO)/augment.png --crop-size 64
+	$(SENET) preview-augment $(DATA) --out $(DEMO)/augment.png --crop-size 64 --cache-dir $(DEMO)/cache
 	$(SENET) train configs/demo.yaml --nproc 2 --out $(DEMO)/run
 	$(SENET) predict $(DEMO)/run/checkpoints/best.pt $(DATA)/val --devkit $(KIT) --out $(DEMO)/val_predictions.txt --cache-dir $(DEMO)/cache
 	$(SENET) evaluate $(DEMO)/val_predictions.txt --ground-truth $(KIT)/data/ILSVRC2012_validation_ground_truth.txt --devkit $(KIT) --json $(DEMO)/val_score.json
 	$(SENET) predict $(DEMO)/run/checkpoints/best.pt $(DATA)/test --devkit $(KIT) --out $(DEMO)/submission.txt --cache-dir $(DEMO)/cache
-	$(SENET) bench-input $(DATA) --threads 2 --py-workers 1 --batch-size 32 --batches 40 --baseline --json $(DEMO)/bench.json --plot $(DEMO)/bench.png
+	$(SENET) bench-input $(DATA) --threads 2 --py-workers 1 --batch-size 32 --batches 40 --baseline --cache-dir $(DEMO)/cache --json $(DEMO)/bench.json --plot $(DEMO)/bench.png
 	$(MAKE) -s slurm-up
 	. .slurm-local/env && $(SENET) submit configs/demo.yaml --json $(DEMO)/slurm.json \
 	  && job=$$($(PY) -c "import json; print(json.load(open('$(DEMO)/slurm.json'))['job_id'])") \

@@ -31,3 +31,20 @@ def test_preview_augment_writes_a_grid(small_tree: Path, tmp_path: Path) -> None
     out = tmp_path / "grid.png"
     assert main(["preview-augment", str(small_tree), "--out", str(out), "--n", "6", "--crop-size", "48"]) == 0
     assert Image.open(out).size == (3 * 52 + 4, 2 * 52 + 4)
+
+
+def test_bench_input_survives_undecodable_files_and_honours_the_exclusion_list(small_tree: Path, tmp_path: Path) -> None:
+    """The baseline meets a truncated file (no check-data run): a warning, no traceback; then excluded."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "training", "bench-input", str(small_tree), "--stages", "read", "--baseline",
+            "--batches", "8", "--warmup", "1", "--batch-size", "8", "--crop-size", "32", "--threads", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "cannot decode" in done.stderr  # the baseline met a planted bad file and said so
+    subprocess.run([sys.executable, "-m", "training", "check-data", str(small_tree), "--cache-dir", str(tmp_path / "cache"),
+                    "--quiet"], capture_output=True, check=False)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "cannot decode" not in done.stderr, done.stderr[-2000:]

@@ -7,10 +7,12 @@ import math
 from training.cli import UsageError, write_json
 
 
-def _index(data: str):
-    from pipeline.datasets import index_train
+def _index(args: argparse.Namespace):
+    """The training images of DATA less check-data's exclusion list (and --exclude), like training reads them."""
+    from pipeline.datasets import index_train, load_exclusions
 
-    return index_train(data)
+    index = index_train(args.data, args.cache_dir)
+    return index.without(load_exclusions(args.data, args.cache_dir, args.exclude))
 
 
 def cmd_bench_input(args: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def cmd_bench_input(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"--stages: unknown {unknown}; use a comma-separated subset of "
                          f"{', '.join(STAGES + EXTRA_STAGES)}")
-    index = _index(args.data)
+    index = _index(args)
     threads = args.threads or default_threads(0)
     spec = BenchSpec(device=args.device, batch_size=args.batch_size, threads=threads, py_workers=args.py_workers,
                      batches=args.batches, warmup=args.warmup, crop_size=args.crop_size)
@@ -53,7 +55,7 @@ def cmd_preview_augment(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise UsageError(f"--n {args.n} must be >= 1")
-    index = _index(args.data)
+    index = _index(args)
     with TrainLoader(index, batch_size=args.n, rank=0, world_size=1, local_rank=0, device="cpu", seed=args.seed,
                      sampling="class_aware", samples_per_epoch=max(args.n, len(index)), aug=AugmentSpec(),
                      crop_size=args.crop_size, dtype="float32", layout="NHWC", threads=None, py_workers=0,
@@ -91,6 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="store_true", help="also time the PIL DataLoader baseline")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a bar chart (PNG) here")
+    p.add_argument("--cache-dir", default="~/.cache/senet", help="data.cache_dir: check-data's exclusion list is read there")
+    p.add_argument("--exclude", help="extra exclusion list (tree-relative paths)")
     p.set_defaults(func=cmd_bench_input)
 
     p = sub.add_parser("preview-augment", help="a grid of augmented training samples")
@@ -99,4 +103,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=16, help="samples in the grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--cache-dir", default="~/.cache/senet", help="data.cache_dir: check-data's exclusion list is read there")
+    p.add_argument("--exclude", help="extra exclusion list (tree-relative paths)")
     p.set_defaults(func=cmd_preview_augment)
