@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from slurm.launch import check_job_config, parse_time, sbatch_parameters
 from training.cli import main
 from training.config import ConfigError, load_config
 from training.metrics import read_metrics
+from tests.test_slurm_cluster import read_env_file, slurm, wait_until  # one copy of the cluster helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_FILE = ROOT / ".slurm-local" / "env"
@@ -45,29 +45,6 @@ JOB_TIMEOUT_S = 180  # a requeue cycle takes ~22 s here, a job start ~10 s on th
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def read_env_file(path: Path) -> dict[str, str]:
-    """The `export NAME=value` lines of a shell file, as a dict."""
-    env = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            name, value = words[1].split("=", 1)
-            env[name] = value
-    return env
-
-
-def slurm(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.2)
-
-
 def sacct_states(job_id: str) -> list[str]:
     """Accounting states of each run of the job, oldest first (requeues included)."""
     return [line.split()[0] for line in slurm("sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id,
