@@ -54,6 +54,7 @@ def predict_here(args: argparse.Namespace) -> int:
     listed = load_exclusions(folder.resolve().parent, args.cache_dir) | read_exclusions(args.exclude)
     exclude = frozenset(n for n in images.files if n in listed or f"{folder.name}/{n}" in listed)
     device = torch.device(f"cuda:{dist.local_rank}" if args.device == "gpu" else "cpu")
+    torch.set_num_threads(distmod.cpus_per_rank(dist))  # as the engine's evaluation does: same kernels, same sums
     if args.device == "gpu" and not torch.cuda.is_available():
         raise Failure("--device gpu but CUDA is not available here; use --device cpu")
     parts = Path(f"{args.out}.parts")
