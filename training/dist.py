@@ -136,6 +136,13 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group: tdist.ProcessGroup 
     return tensor
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BN running statistics) to every rank; a no-op in a single process."""
+    if tdist.is_initialized():
+        for buffer in model.buffers():
+            tdist.broadcast(buffer, src=src)
+
+
 def barrier(group: tdist.ProcessGroup | None = None) -> None:
     if tdist.is_initialized():
         tdist.barrier(group=group)

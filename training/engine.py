@@ -159,6 +159,9 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         if stopped:
             break
         if r.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            # Each rank's BN running statistics drift from rank 0's after its last forward; the checkpoint
+            # holds rank 0's, so every rank evaluates with those (as `senet predict` on the checkpoint will).
+            distmod.broadcast_buffers(r.model)
             state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group,
                                       r.cfg.data.layout)
             r.log.write({"step": state.step, "epoch": epoch, **state.last_val})
