@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -207,7 +207,27 @@ def _undecodable(path: Path) -> bool:
         return True
 
 
-class TrainLoader:
+class _Closing:
+    """Context manager and finaliser around `close()`: worker processes never outlive their loader."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _L) -> _L:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+_L = TypeVar("_L", bound=_Closing)
+
+
+class TrainLoader(_Closing):
     """Augmented training batches of this rank: DALI graph fed in (class-aware) sampler order.
 
     Args:
@@ -311,16 +331,6 @@ class TrainLoader:
         if run is not None:
             run.close()
 
-    def __enter__(self) -> TrainLoader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
-
     # ------------------------------------------------------------------ pipeline lifecycle
     def _open(self, epoch: int, start: int) -> None:
         """(Re)build the pipeline so that it delivers (epoch, start) next."""
@@ -390,7 +400,7 @@ class TrainLoader:
                             self.index.classes[self.index.labels[index]], epoch, position)
 
 
-class EvalLoader:
+class EvalLoader(_Closing):
     """Eval batches: every file once over all ranks, in file order, contiguous shards, no padding.
 
     Iterating yields (images, labels, positions): positions index `index.files`; images are
@@ -450,16 +460,6 @@ class EvalLoader:
         run, self._run = self._run, None
         if run is not None:
             run.close()
-
-    def __enter__(self) -> EvalLoader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 __all__ = ["TrainLoader", "EvalLoader", "AugmentSpec"]
