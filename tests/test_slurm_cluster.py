@@ -30,15 +30,20 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[dict[str, str]]:
-    """Start the cluster (idempotent), export its environment for this module, and leave it up."""
+def start_cluster() -> dict[str, str]:
+    """`make slurm-up` (idempotent) and the cluster's environment; skips without root."""
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (it starts daemons); run the tests as root")
     started = subprocess.run(["make", "-s", "slurm-up"], cwd=ROOT, capture_output=True, text=True)
     if started.returncode != 0:
         pytest.fail(f"make slurm-up failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
-    cluster_env = read_env_file(ENV_FILE)
+    return read_env_file(ENV_FILE)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, str]]:
+    """Start the cluster (idempotent), export its environment for this module, and leave it up."""
+    cluster_env = start_cluster()
     with pytest.MonkeyPatch.context() as mp:
         for name, value in cluster_env.items():
             mp.setenv(name, value)  # submitit calls sbatch/sacct with os.environ

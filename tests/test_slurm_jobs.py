@@ -28,10 +28,9 @@ from slurm.launch import check_job_config, parse_time, sbatch_parameters
 from training.cli import main
 from training.config import ConfigError, load_config
 from training.metrics import read_metrics
-from tests.test_slurm_cluster import read_env_file, slurm, wait_until  # one copy of the cluster helpers
+from tests.test_slurm_cluster import start_cluster, slurm, wait_until  # one copy of the cluster helpers
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV_FILE = ROOT / ".slurm-local" / "env"
 WORLD = 4  # 2 nodes x 2 tasks
 EPOCHS, STEPS_PER_EPOCH = 6, 6  # 96 training images / (4 ranks x batch 4)
 CONFIG = f"""\
@@ -77,13 +76,8 @@ def assert_same_parameters(run_dir: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
     """Start the cluster (idempotent), export its environment for this module, cancel our jobs at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (it starts daemons); run the tests as root")
-    started = subprocess.run(["make", "-s", "slurm-up"], cwd=ROOT, capture_output=True, text=True)
-    if started.returncode != 0:
-        pytest.fail(f"make slurm-up failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in read_env_file(ENV_FILE).items():
+        for name, value in start_cluster().items():
             mp.setenv(name, value)
         yield dict(os.environ)
         names = slurm("squeue", "-h", "-o", "%i %j").splitlines()
