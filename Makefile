@@ -8,7 +8,7 @@ SENET := $(VENV)/bin/senet
 TORCH_SPEC ?= torch==2.13.0
 DEMO := demo
 
-.PHONY: install test demo slurm-up slurm-down clean
+.PHONY: install test demo slurm-up slurm-down gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,14 @@ demo: install
 	  && $(SENET) logs $$job --follow > $(DEMO)/slurm_rank0.log; status=$$?; $(MAKE) -s slurm-down; exit $$status
 	$(SENET) report $(DEMO)
 	@echo "demo results are in $(DEMO)/ - start with $(DEMO)/REPORT.md"
+
+# The GPU path end to end on this machine (benchmarks/gpu_check.py): no install, no network; PYTHON is any
+# interpreter with torch, DALI, numpy, pillow, scipy, pyyaml and pytest. DEVICE=cpu: the same with small sizes.
+# SECTIONS=input,train reruns a few sections and keeps the others' results.
+DEVICE ?= gpu
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	DEVICE=$(DEVICE) GPU_CHECK_OUT=$(GPU_CHECK_OUT) SECTIONS=$(SECTIONS) PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py
 
 slurm-up:
 	slurm/cluster/up.sh

@@ -43,6 +43,7 @@ from training.config import load_config  # noqa: E402
 from training.dist import DistInfo  # noqa: E402
 from training.metrics import MetricsLog  # noqa: E402
 from training.optim import LRSchedule, build_optimizer  # noqa: E402
+from training.placement import place  # noqa: E402
 
 
 class ResidentLoader:
@@ -82,11 +83,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = load_config(None, [f"model.arch={args.arch}", f"model.num_classes={args.classes}", f"data.device={args.device}",
+    cfg = load_config(None, [f"model.arch={args.arch}", f"model.num_classes={args.classes}", f"train.device={args.device}",
                              f"train.precision={args.precision}", f"train.batch_size={args.batch_size}",
                              f"train.log_every={args.log_every}", "train.checkpoint_every=1000000", "train.epochs=1000"])
-    device = torch.device("cuda", 0) if args.device == "gpu" else torch.device("cpu")
-    precision = engine.resolve_precision(cfg.train.precision, args.device)
+    here = place(args.device, precision=cfg.train.precision, threads=args.threads, dist=DistInfo())
+    device, precision = here.torch_device, here.precision
     model = engine.build_model(cfg, device)
     optimizer, kind = build_optimizer(model, cfg.optim, args.device)
     for group in optimizer.param_groups:
@@ -99,7 +100,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
     out = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    r = engine.Run(cfg=cfg, dist=DistInfo(), out=out, device=device, precision=precision, model=model, train_model=model,
+    r = engine.Run(cfg=cfg, place=here, out=out, device=device, precision=precision, model=model, train_model=model,
                    optimizer=optimizer, scaler=scaler, schedule=LRSchedule(cfg.optim, args.batch_size, args.steps, 1000),
                    train_loader=ResidentLoader(images, labels, args.steps), val_loader=None, classes=tuple(map(str, range(args.classes))),
                    log=MetricsLog(out / "metrics.jsonl", enabled=True), control=engine.RunControl(), group=None)

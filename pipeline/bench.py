@@ -16,21 +16,22 @@ brightness/contrast/saturation(/hue) with PIL, then normalise with numpy to the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
-import logging
-
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, draw
-from pipeline.dali import TrainSource, decoder_options, image_size
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, draw, draws
+from pipeline.dali import (HW_DECODER_LOAD, PARAMS, TrainSource, decode_region, decoder_options, normalize,
+                           source_depth, unpack_params)
 from pipeline.datasets import ImageIndex
 from pipeline.loader import TrainLoader
+from pipeline.processes import DaliProcesses, proc_stat, start_method
 from pipeline.sampling import ClassAwareSampler
 
 STAGES = ("read", "decode", "crop_flip", "full")
@@ -43,9 +44,10 @@ log = logging.getLogger("senet.bench")
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """What to measure: batches after warm-up batches, on 'cpu' or 'gpu'."""
+    """What to measure: batches after warm-up batches, on 'cpu' or 'gpu' (CUDA ordinal `device_id`)."""
 
     device: str = "cpu"
+    device_id: int | None = None
     batch_size: int = 64
     threads: int = 2
     py_workers: int = 2
@@ -55,6 +57,8 @@ class BenchSpec:
     dtype: str = "float16"
     layout: str = "NCHW"
     seed: int = 0
+    hw_decoder_load: float = HW_DECODER_LOAD
+    prefetch: int = 2
 
 
 @dataclass(frozen=True)
@@ -72,19 +76,21 @@ def cpu_seconds() -> float:
     stats: dict[int, tuple[int, float]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            try:
-                fields = open(f"/proc/{entry.name}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    mine, total = {os.getpid()}, 0.0
+            fields = proc_stat(entry.name)
+            if fields is not None:
+                stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    mine = {os.getpid()}
     for _ in range(8):  # grow the family tree a generation at a time
         mine |= {pid for pid, (ppid, _) in stats.items() if ppid in mine}
     return sum(stats[pid][1] for pid in mine if pid in stats)
 
 
 def images_per_second(batches: Iterable[Any], count: int, warmup: int, batch_size: int, sync: bool = False) -> Rate:
-    """Images per second over `count` batches of an iterable, after `warmup` batches."""
+    """Images per second over `count` batches of an iterable, after `warmup` batches.
+
+    With `sync`, the device is synchronised before the clock starts and before it stops: every
+    stream of this process, DALI's included, so work still in flight is counted.
+    """
     it = iter(batches)
     for _ in range(warmup):
         next(it)
@@ -99,92 +105,90 @@ def images_per_second(batches: Iterable[Any], count: int, warmup: int, batch_siz
     return Rate(count * batch_size / wall, 1000 * cpu / (count * batch_size))
 
 
-class _CropFlipSource:
-    """TrainSource's bytes, crop region and flip, for the crop_flip stage (no rotation, no colour)."""
-
-    def __init__(self, inner: TrainSource) -> None:
-        self.inner = inner
-
-    def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
-        out = dict(zip(self.inner.outputs, self.inner(info)))
-        return out["jpeg"], out["anchor"], out["shape"], np.array(out["matrix"][0, 0] < 0, dtype=np.int32)
-
-
-class _NaiveSource:
-    """TrainSource's crop region plus flip, angle and colour factors for the naive graph's own ops."""
+class NaiveSource:
+    """TrainSource's batches plus each sample's angle and colour factors, for the naive graph's own ops."""
 
     def __init__(self, inner: TrainSource, aug: AugmentSpec) -> None:
         self.inner, self.aug = inner, aug
 
-    def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
-        out = dict(zip(self.inner.outputs, self.inner(info)))
-        size = image_size(out["jpeg"].tobytes())
-        d = draw(self.aug, self.inner.seed, self.inner.first_epoch + info.epoch_idx, int(out["position"][0]), *size)
-        scalars = (d.angle, d.brightness, d.contrast, d.saturation, d.hue * 360.0)
-        return (out["jpeg"], out["anchor"], out["shape"], np.array(out["matrix"][0, 0] < 0, dtype=np.int32),
-                *(np.array(v, dtype=np.float32) for v in scalars))
+    def __call__(self, info: Any) -> tuple[Any, ...]:
+        jpegs, params, ids = self.inner(info)
+        size = params[:, PARAMS["size"][0]:PARAMS["size"][1]].astype(np.int64)
+        d = draws(self.aug, self.inner.seed, self.inner.first_epoch + info.epoch_idx, ids[:, 2], size[:, 0], size[:, 1])
+        factors = np.stack([d.angle, d.brightness, d.contrast, d.saturation, d.hue * 360.0], axis=1).astype(np.float32)
+        return jpegs, params, factors
 
 
 @pipeline_def
 def stage_pipeline(source: Any, stage: str, decoder: dict[str, Any], crop_size: int, dtype: str, layout: str,
-                   parallel: bool):
-    """The graph of one bench stage (read, decode or crop_flip)."""
+                   parallel: bool, source_prefetch: int):
+    """The graph of one bench stage (read, decode, crop_flip or naive)."""
+    ahead = {"prefetch_queue_depth": source_prefetch} if parallel else {}
     if stage == "read":
-        return tuple(fn.external_source(source=source, num_outputs=len(source.outputs), batch=False, parallel=parallel))
+        return tuple(fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True, parallel=parallel,
+                                        **ahead))
     if stage == "naive":
-        jpegs, anchor, shape, mirror, angle, brightness, contrast, saturation, hue = fn.external_source(
-            source=_NaiveSource(source, AugmentSpec()), num_outputs=9, batch=False, parallel=parallel)
-        images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", output_type=types.RGB,
-                                         adjust_orientation=False, **decoder)
-        images = fn.resize(images, size=[crop_size, crop_size])
-        images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0)
-        images = fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT,
-                                        output_layout="CHW" if layout == "NCHW" else "HWC", mean=list(IMAGENET_MEAN),
-                                        std=list(IMAGENET_STD))
-    jpegs, anchor, shape, mirror = fn.external_source(source=_CropFlipSource(source), num_outputs=4, batch=False,
-                                                      parallel=parallel)
+        jpegs, params, factors = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                                    parallel=parallel, **ahead)
+        p = unpack_params(params)
+        images = fn.resize(decode_region(jpegs, p, decoder), size=[crop_size, crop_size])
+        images = fn.rotate(images, angle=factors[0], keep_size=True, fill_value=0)
+        images = fn.color_twist(images, brightness=factors[1], contrast=factors[2], saturation=factors[3],
+                                hue=factors[4])
+        return normalize(images, dtype, layout, mirror=p["mirror"])
+    # Every source output stays a pipeline output: DALI 2.4 hangs on a parallel batch source whose outputs
+    # it has pruned.
+    jpegs, params, ids = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                            parallel=parallel, **ahead)
     if stage == "decode":
-        return fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
-    images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="HW", output_type=types.RGB,
-                                     adjust_orientation=False, **decoder)
-    images = fn.resize(images, size=[crop_size, crop_size])
-    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT,
-                                    output_layout="CHW" if layout == "NCHW" else "HWC", mean=list(IMAGENET_MEAN),
-                                    std=list(IMAGENET_STD))
+        return fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder), params, ids
+    p = unpack_params(params)
+    images = fn.resize(decode_region(jpegs, p, decoder), size=[crop_size, crop_size])
+    return normalize(images, dtype, layout, mirror=p["mirror"]), ids
 
 
-def _endless(pipe: Any) -> Iterable[Any]:
-    pipe.build()
+def _endless(run: DaliProcesses) -> Iterable[Any]:
     while True:
         try:
-            yield pipe.run()
+            yield run.run()
         except StopIteration:
-            pipe.reset()
+            run.reset()
 
 
 @contextlib.contextmanager
 def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Iterator[Iterator[Any]]:
-    """An endless iterator of one stage's batches (see the module docstring); closed on exit."""
+    """An endless iterator of one stage's batches (see the module docstring); closed on exit.
+
+    Python workers start before the pipeline is built; once an earlier stage has initialised the CUDA
+    driver they are spawned (`pipeline.processes.start_method`).
+    """
     if stage == "full":
-        with TrainLoader(index, batch_size=spec.batch_size, rank=0, world_size=1, local_rank=0, device=spec.device,
-                         seed=spec.seed, sampling="class_aware", samples_per_epoch=None, aug=aug,
-                         crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, threads=spec.threads,
-                         py_workers=spec.py_workers, prefetch=2) as loader:
+        with TrainLoader(index, batch_size=spec.batch_size, rank=0, world_size=1, device=spec.device,
+                         device_id=spec.device_id, seed=spec.seed, sampling="class_aware", samples_per_epoch=None,
+                         aug=aug, crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, threads=spec.threads,
+                         py_workers=spec.py_workers, prefetch=spec.prefetch,
+                         hw_decoder_load=spec.hw_decoder_load) as loader:
             yield iter(_epochs(loader))
         return
     sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
+    # The crop region and flip only (the same boxes as `full`: rotation and colour draw other uniforms).
     flat = replace(aug, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    source = TrainSource(str(index.root), index.files, index.labels, sampler, flat, spec.crop_size, spec.seed, 0, 0,
-                         spec.batch_size)
-    pipe = stage_pipeline(source=source, stage=stage, decoder=decoder_options(spec.device, 0),
+    source: Any = TrainSource(str(index.root), index.files, index.labels, sampler, flat, spec.crop_size, spec.seed, 0,
+                              0, spec.batch_size)
+    if stage == "naive":
+        source = NaiveSource(source, aug)
+    pipe = stage_pipeline(source=source, stage=stage, decoder=decoder_options(spec.device, spec.threads, spec.hw_decoder_load),
                           crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, parallel=spec.py_workers > 0,
-                          batch_size=spec.batch_size, num_threads=spec.threads, prefetch_queue_depth=2,
-                          device_id=0 if spec.device == "gpu" else None, py_num_workers=max(1, spec.py_workers))
+                          source_prefetch=source_depth(spec.prefetch, spec.py_workers), batch_size=spec.batch_size,
+                          num_threads=spec.threads, prefetch_queue_depth=spec.prefetch,
+                          device_id=spec.device_id if spec.device == "gpu" else None,
+                          py_num_workers=max(1, spec.py_workers), py_start_method=start_method())
+    run = DaliProcesses(pipe, spec.py_workers)
+    del pipe  # the DaliProcesses owns it
     try:
-        yield iter(_endless(pipe))
+        yield iter(_endless(run))
     finally:
-        del pipe
+        run.close()
 
 
 def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
@@ -260,7 +264,8 @@ def baseline_batches(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = Augm
             sampler.set_epoch(epoch)
             for images, labels in loader:
                 if spec.device == "gpu":
-                    images, labels = images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
+                    device = torch.device("cuda", spec.device_id or 0)
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 yield images, labels
             epoch += 1
 
@@ -281,7 +286,7 @@ def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = Augm
 def run_bench(index: ImageIndex, spec: BenchSpec, stages: Iterable[str] = STAGES, baseline: bool = False,
               aug: AugmentSpec = AugmentSpec()) -> dict[str, Any]:
     """All requested measurements, as `senet bench-input --json` writes them."""
-    result: dict[str, Any] = {"device": spec.device, "threads": spec.threads, "batch_size": spec.batch_size,
+    result: dict[str, Any] = {"device": spec.device, "hw_decoder_load": spec.hw_decoder_load, "threads": spec.threads, "batch_size": spec.batch_size,
                               "py_workers": spec.py_workers, "batches": spec.batches, "crop_size": spec.crop_size,
                               "dtype": spec.dtype, "layout": spec.layout, "images": len(index), "stages": {},
                               "baseline": {}, "cpu_ms_per_image": {}}

@@ -1,15 +1,24 @@
-"""DALI graphs: one @pipeline_def per purpose (train, eval) and the Python sources that feed them.
+"""DALI graphs: one @pipeline_def per purpose (train, eval), the pieces they share, and the Python
+sources that feed them.
 
-Train: a parallel external_source reads this rank's files in sampler order, screens the bytes, reads
-the image size from the header and draws the sample's augmentation on the host (pipeline.augment),
-so the graph only executes per-sample arguments:
+Train: a parallel external_source calls `TrainSource` once per BATCH (in DALI's Python workers): it
+reads this rank's files in sampler order, screens the bytes, reads each image's size from its
+header and draws the whole batch's augmentation on the host with vectorised numpy
+(pipeline.augment), packing each sample's small arguments into one float32 row (`PARAMS`). The graph
+slices that row into per-sample arguments and only executes them:
 
     bytes -> decode only the needed region (image_slice) -> [antialiased resize, only for the few
     samples the warp would shrink by > 2x] -> ONE warp_affine (crop + scale + rotate + flip) to
-    float HWC;  per sample also the packed colour matrix [M | t0 | v] (3 x 5)
+    float HWC;  per sample also the colour matrix [M | t0 | v] (3 x 5) and the label
 
 and the loader applies brightness, contrast, saturation, hue, the normalisation, the layout and the
-dtype as ONE batched matrix product after the iterator (pipeline.loader.apply_colour).
+dtype as ONE batched matrix product after the iterator (pipeline.loader.apply_colour). On the GPU the
+decoder is `mixed` (nvJPEG, with the hardware JPEG decoder where the GPU has one), everything after it
+runs on the GPU, and the label and colour matrix travel to the GPU inside the pipeline, ahead of time.
+
+Why batches and one packed row: per sample, a Python callback and each extra external_source output
+cost host time that does not shrink with more GPUs (measured in benchmarks/RESULTS_input.md: the
+`read` stage's CPU time per image fell by more than half).
 
 Measured on 2 CPU cores, one DALI thread, per image (benchmarks/RESULTS_input.md): warp_affine to
 float with clamped borders ~0.7 ms (to uint8: 1.3 ms; a fill value costs ~25 % more); DALI's
@@ -23,10 +32,7 @@ corners + centre, and their mirrors), normalised.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,18 +40,34 @@ from typing import Any, Sequence
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, colour_params, draw, warp_geometry
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, colour_params, draws, warp_geometries
+from pipeline.processes import die_with_parent
 
 DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
-# GPUs with a hardware JPEG decoder (nvJPEG's A100/H100 engine): give it 65 % of the images, as
-# NVIDIA's DALI ResNet-50 example does; elsewhere the hybrid GPU decoder does all of them.
-HW_DECODER_GPUS = ("A100", "A800", "A30", "H100", "H800", "H200", "GH200")
+# Share of the JPEGs given to the hardware decoder (A100, H100, H200 and their kin have one; DALI
+# ignores the value elsewhere). 0.65 is DALI's default and NVIDIA's ResNet-50 example's choice: the
+# rest keeps the CPU threads' hybrid decoding busy too.
 HW_DECODER_LOAD = 0.65
-# nvJPEG scratch buffers preallocated per thread (values of NVIDIA's DALI ImageNet examples): large
-# enough for ImageNet's biggest JPEGs, so no reallocation stalls the first epoch.
-DEVICE_MEMORY_PADDING = 211_025_920
-HOST_MEMORY_PADDING = 140_544_512
+# nvJPEG preallocates, per decoder thread, two pinned host buffers (double buffering) and one device
+# buffer of these paddings. A rank has two decoding pipelines (train and eval): their pinned memory
+# stays within PINNED_BUDGET (8 threads of a 10-core task: 2 x 2 x 8 x 32 MiB = 1 GiB; NVIDIA's
+# ImageNet examples pad 134 MiB per buffer, 4.5 GB per rank). An image larger than the padding still
+# decodes; nvJPEG then grows the buffer once.
+DECODING_PIPELINES = 2
+PINNED_BUDGET = 1 << 30
+DEVICE_BUDGET = 1 << 30
+HOST_PADDING_RANGE = (8 << 20, 134 << 20)  # DALI's default .. NVIDIA's ImageNet example
+DEVICE_PADDING_RANGE = (16 << 20, 201 << 20)
+
+# Columns of the per-sample float32 row that TrainSource packs and `unpack_params` slices in the graph.
+# Integers below 2**24 (pixel coordinates) are exact in float32.
+PARAMS = {"anchor": (0, 2), "shape": (2, 4), "prescale": (4, 5), "pre_size": (5, 7), "matrix": (7, 13),
+          "colour": (13, 28), "size": (28, 30), "flip": (30, 31)}
+PARAM_COLUMNS = 31
+# Columns of the per-sample int64 row of both sources.
+TRAIN_IDS = ("label", "replaced", "position")  # replaced: the bad file's dataset index, else -1
+EVAL_IDS = ("label", "position", "bad")
 
 
 # ------------------------------------------------------------------------------------ file bytes
@@ -79,48 +101,44 @@ def looks_complete(data: bytes) -> bool:
     return False
 
 
-def decoder_options(device: str, device_id: int | None) -> dict[str, Any]:
-    """Decoder arguments: hw_decoder_load and nvJPEG memory padding by GPU model on 'gpu'."""
+def decoder_options(device: str, threads: int, hw_decoder_load: float = HW_DECODER_LOAD) -> dict[str, Any]:
+    """Decoder arguments for 'cpu' or 'gpu' (mixed) with `threads` DALI threads.
+
+    On the GPU `hw_decoder_load` is always passed (DALI uses it only where a hardware decoder exists),
+    the nvJPEG paddings are sized to the pinned and device budgets, and thread pinning is off: DALI
+    would pin its decoder threads to the GPU's NVML CPU set, the same cores for every rank of a node,
+    ignoring the task's own CPU binding.
+    """
     # libjpeg-turbo's fast integer IDCT: ~25 % faster decoding on the CPU (measured here), errors of a
     # grey level or two at ImageNet's JPEG qualities, far below the colour jitter's changes.
     if device != "gpu":
         return {"device": "cpu", "use_fast_idct": True}
-    name = gpu_name(device_id or 0)
-    load = HW_DECODER_LOAD if any(k in name for k in HW_DECODER_GPUS) else 0.0
-    return {"device": "mixed", "hw_decoder_load": load, "use_fast_idct": True, "device_memory_padding": DEVICE_MEMORY_PADDING,
-            "host_memory_padding": HOST_MEMORY_PADDING}
+    per_thread = DECODING_PIPELINES * max(1, threads)
+    host = int(np.clip(PINNED_BUDGET // (2 * per_thread), *HOST_PADDING_RANGE))
+    dev = int(np.clip(DEVICE_BUDGET // per_thread, *DEVICE_PADDING_RANGE))
+    return {"device": "mixed", "hw_decoder_load": float(hw_decoder_load), "use_fast_idct": True, "affine": False,
+            "host_memory_padding": host, "device_memory_padding": dev}
 
 
-def gpu_name(device_id: int) -> str:
-    """The GPU's model name without creating a CUDA context here (workers may not be forked yet)."""
-    import torch
-
-    if torch.cuda.is_initialized():
-        return torch.cuda.get_device_name(device_id)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
-    physical = ids[device_id] if device_id < len(ids) else str(device_id)
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", physical],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-        return out.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+def pinned_decoder_bytes(decoder: dict[str, Any], threads: int) -> int:
+    """Pinned host memory nvJPEG preallocates for one pipeline with these options (0 on the CPU)."""
+    return 2 * max(1, threads) * int(decoder.get("host_memory_padding", 0)) if decoder.get("device") == "mixed" else 0
 
 
 # ------------------------------------------------------------------------------------ sources
 @dataclass
 class TrainSource:
-    """Per-sample callback of the training graph (runs in DALI's Python workers; picklable).
+    """Batch callback of the training graph (runs in DALI's Python workers; picklable).
 
-    Sample `idx_in_epoch` of DALI epoch j is this rank's sample ``k = idx + (start if j == 0)`` of
-    epoch ``first_epoch + j``, at global position ``sampler.global_position(k)``.
+    Batch `iteration` of DALI epoch j holds this rank's samples ``k = iteration * batch_size + (start
+    if j == 0) ...`` of epoch ``first_epoch + j``, at global positions ``sampler.global_positions()[k]``.
+    Returns the JPEG bytes, the (B, PARAM_COLUMNS) float32 rows and the (B, 3) int64 `TRAIN_IDS` rows.
     """
 
     root: str
     files: Sequence[str]
     labels: np.ndarray
-    sampler: Any  # pipeline.sampling sampler (pure: rank_indices(epoch), global_position(k))
+    sampler: Any  # pipeline.sampling sampler (pure: rank_indices(epoch), global_positions(start, stop))
     aug: AugmentSpec
     crop_size: int
     seed: int
@@ -130,31 +148,30 @@ class TrainSource:
     bad: frozenset = frozenset()  # dataset indices known to be undecodable
     owner_pid: int = 0  # the loader's process; a worker is any other
 
-    # The per-sample outputs, in order (train_pipeline names them).
-    outputs = ("jpeg", "label", "anchor", "shape", "prescale", "pre_size", "matrix", "colour", "replaced", "position")
-
     def __post_init__(self) -> None:
         self.owner_pid = self.owner_pid or os.getpid()
 
-    def epoch_samples(self, dali_epoch: int) -> int:
-        """Samples of this rank in DALI epoch j: whole batches from the start point."""
+    def epoch_batches(self, dali_epoch: int) -> int:
+        """Whole batches of this rank in DALI epoch j, from the start point."""
         start = self.start if dali_epoch == 0 else 0
-        return (len(self.sampler) - start) // self.batch_size * self.batch_size
+        return (len(self.sampler) - start) // self.batch_size
 
-    def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
-        _die_with_parent(self.owner_pid)
-        if info.idx_in_epoch >= self.epoch_samples(info.epoch_idx):
+    def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        die_with_parent(self.owner_pid)
+        if info.iteration >= self.epoch_batches(info.epoch_idx):
             raise StopIteration
         epoch = self.first_epoch + info.epoch_idx
-        k = info.idx_in_epoch + (self.start if info.epoch_idx == 0 else 0)
-        index = int(self.sampler.rank_indices(epoch)[k])
-        position = self.sampler.global_position(k)
-        data, size, used = self._read(index, epoch, position)
-        d = draw(self.aug, self.seed, epoch, position, *size)
-        geometry = warp_geometry(d, *size, self.crop_size)
-        return (np.frombuffer(data, dtype=np.uint8), np.array([self.labels[index]], np.int64), geometry["anchor"],
-                geometry["shape"], geometry["prescale"], geometry["pre_size"], geometry["matrix"], colour_params(d),
-                np.array([index if used != index else -1], np.int64), np.array([position], np.int64))
+        k = info.iteration * self.batch_size + (self.start if info.epoch_idx == 0 else 0)
+        indices = self.sampler.rank_indices(epoch)[k:k + self.batch_size]
+        positions = self.sampler.global_positions(k, k + self.batch_size)
+        jpegs, sizes, replaced = [], np.empty((len(indices), 2), np.int64), np.full(len(indices), -1, np.int64)
+        for j, (index, position) in enumerate(zip(indices.tolist(), positions.tolist())):
+            data, sizes[j], used = self._read(index, epoch, position)
+            jpegs.append(np.frombuffer(data, dtype=np.uint8))
+            if used != index:
+                replaced[j] = index
+        params = sample_params(self.aug, self.seed, epoch, positions, sizes[:, 0], sizes[:, 1], self.crop_size)
+        return jpegs, params, np.stack([self.labels[indices], replaced, positions], axis=1)
 
     def _read(self, index: int, epoch: int, position: int) -> tuple[bytes, tuple[int, int], int]:
         """The file's bytes and size, or a same-class stand-in chosen by (seed, epoch, position)."""
@@ -175,9 +192,27 @@ class TrainSource:
         return _blank_jpeg(), (8, 8), -2  # a whole class of bad files: a blank image keeps the job alive
 
 
+def sample_params(aug: AugmentSpec, seed: int, epoch: int, positions: np.ndarray, widths: np.ndarray,
+                  heights: np.ndarray, crop_size: int) -> np.ndarray:
+    """Each sample's augmentation as one float32 row of `PARAMS` columns (draws, warp geometry, colour)."""
+    d = draws(aug, seed, epoch, positions, widths, heights)
+    g = warp_geometries(d, widths, heights, crop_size)
+    rows = np.empty((len(positions), PARAM_COLUMNS), np.float32)
+    parts = {"anchor": g["anchor"], "shape": g["shape"], "prescale": g["prescale"][:, None],
+             "pre_size": g["pre_size"], "matrix": g["matrix"].reshape(-1, 6),
+             "colour": colour_params(d).reshape(-1, 15), "size": np.stack([widths, heights], axis=1),
+             "flip": d.flip[:, None]}
+    for name, (lo, hi) in PARAMS.items():
+        rows[:, lo:hi] = parts[name]
+    return rows
+
+
 @dataclass
 class EvalSource:
-    """Batch callback of the eval graph: this rank's contiguous slice of `positions`, in order."""
+    """Batch callback of the eval graph: this rank's contiguous slice of `positions`, in order.
+
+    Returns the file bytes (a blank JPEG for an undecodable file) and (B, 3) int64 `EVAL_IDS` rows.
+    """
 
     root: str
     files: Sequence[str]
@@ -188,36 +223,18 @@ class EvalSource:
     def __len__(self) -> int:
         return -(-len(self.positions) // self.batch_size)
 
-    def __call__(self, info: Any) -> tuple[list[np.ndarray], ...]:
+    def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray]:
         it = info.iteration if hasattr(info, "iteration") else int(info)
         chunk = self.positions[it * self.batch_size:(it + 1) * self.batch_size]
         if it >= len(self) or not len(chunk):
             raise StopIteration
-        jpegs, labels, pos, bad = [], [], [], []
-        for p in chunk.tolist():
+        jpegs, bad = [], np.zeros(len(chunk), np.int64)
+        for j, p in enumerate(chunk.tolist()):
             data = Path(self.root, self.files[p]).read_bytes()
             ok = looks_complete(data) and image_size(data) is not None
             jpegs.append(np.frombuffer(data if ok else _blank_jpeg(), dtype=np.uint8))
-            labels.append(np.array([self.labels[p]], np.int64))
-            pos.append(np.array([p], np.int64))
-            bad.append(np.array([0 if ok else 1], np.int64))
-        return jpegs, labels, pos, bad
-
-
-_ARMED_PID = 0
-
-
-def _die_with_parent(owner_pid: int) -> None:
-    """In a worker process: ask Linux to kill it when the loader's process dies (no orphans)."""
-    global _ARMED_PID
-    pid = os.getpid()
-    if pid == owner_pid or pid == _ARMED_PID:
-        return
-    _ARMED_PID = pid
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != owner_pid:  # the parent died before the signal was armed
-        os._exit(1)
+            bad[j] = not ok
+        return jpegs, np.stack([np.asarray(self.labels)[chunk], chunk, bad], axis=1).astype(np.int64)
 
 
 _BLANK: bytes | None = None
@@ -237,50 +254,73 @@ def _blank_jpeg() -> bytes:
     return _BLANK
 
 
-# ------------------------------------------------------------------------------------ graphs
-def _normalize(images, dtype: str, layout: str, mean=IMAGENET_MEAN, std=IMAGENET_STD, **crop: Any):
+# ------------------------------------------------------------------------------------ graph pieces
+def unpack_params(params: Any) -> dict[str, Any]:
+    """The per-sample arguments in a `PARAMS` row, as CPU DataNodes (argument inputs stay on the CPU)."""
+    col = {name: params[lo:hi] for name, (lo, hi) in PARAMS.items()}
+    return {"anchor": fn.cast(col["anchor"], dtype=types.INT32), "shape": fn.cast(col["shape"], dtype=types.INT32),
+            "prescale": params[PARAMS["prescale"][0]] > 0.5, "pre_size": col["pre_size"],
+            "matrix": fn.reshape(col["matrix"], shape=[2, 3]), "colour": fn.reshape(col["colour"], shape=[3, 5]),
+            "mirror": fn.cast(params[PARAMS["flip"][0]], dtype=types.INT32)}
+
+
+def decode_region(jpegs: Any, p: dict[str, Any], decoder: dict[str, Any]) -> Any:
+    """Decode only the region a sample needs (libjpeg-turbo and nvJPEG skip the rest), RGB.
+
+    EXIF orientation is ignored because the host measured the region in the stored (SOF) orientation.
+    """
+    return fn.decoders.image_slice(jpegs, p["anchor"], p["shape"], axis_names="HW", output_type=types.RGB,
+                                   adjust_orientation=False, **decoder)
+
+
+def normalize(images: Any, dtype: str, layout: str, mean=IMAGENET_MEAN, std=IMAGENET_STD, **crop: Any) -> Any:
     """Cast (and normalise, crop, mirror) to the output dtype and layout in one pass."""
     return fn.crop_mirror_normalize(images, dtype=DTYPES[dtype], output_layout=LAYOUTS[layout],
                                     mean=list(mean), std=list(std), **crop)
 
 
+def on(device: str, node: Any) -> Any:
+    """`node` moved to the GPU inside the pipeline (ahead of the consumer, no host sync later) on 'gpu'."""
+    return node.gpu() if device == "gpu" else node
+
+
+def source_depth(prefetch: int, py_workers: int) -> int:
+    """Batches the parallel source computes ahead: enough to keep every Python worker busy."""
+    return max(prefetch, py_workers, 1)
+
+
+# ------------------------------------------------------------------------------------ graphs
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source: TrainSource, decoder: dict[str, Any], crop_size: int, parallel: bool):
-    """Training graph: warped float HWC images, labels, colour params, replaced (bad file or -1), positions."""
-    nodes = fn.external_source(source=source, num_outputs=len(source.outputs), batch=False, parallel=parallel)
-    x = dict(zip(source.outputs, nodes))
-    # Decode only the region the warp reads (libjpeg-turbo and nvJPEG skip the rest); EXIF orientation
-    # is ignored because the host measured the crop in the stored (SOF) orientation.
-    images = fn.decoders.image_slice(x["jpeg"], x["anchor"], x["shape"], axis_names="HW", output_type=types.RGB,
-                                     adjust_orientation=False, **decoder)
-    if x["prescale"]:  # only the samples the warp would shrink by > 2x: antialias them first
-        images = fn.resize(images, size=x["pre_size"], antialias=True)
+def train_pipeline(source: TrainSource, decoder: dict[str, Any], crop_size: int, parallel: bool, device: str,
+                   source_prefetch: int):
+    """Training graph: warped float HWC images, labels and colour matrices (on `device`), and the ids rows (CPU)."""
+    ahead = {"prefetch_queue_depth": source_prefetch} if parallel else {}  # only parallel sources take it
+    jpegs, params, ids = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                            parallel=parallel, **ahead)
+    p = unpack_params(params)
+    images = decode_region(jpegs, p, decoder)
+    if p["prescale"]:  # only the samples the warp would shrink by > 2x: antialias them first
+        images = fn.resize(images, size=p["pre_size"], antialias=True)
     # Crop + scale + rotation + flip in one bilinear pass; float output and clamped borders are the
     # fast path of the CPU kernel.
-    images = fn.warp_affine(images, matrix=x["matrix"], size=[crop_size, crop_size], dtype=types.FLOAT)
-    return images, x["label"], x["colour"], x["replaced"], x["position"]
+    images = fn.warp_affine(images, matrix=p["matrix"], size=[crop_size, crop_size], dtype=types.FLOAT)
+    return images, on(device, ids[0]), on(device, p["colour"]), ids
 
 
 @pipeline_def
 def eval_pipeline(source: EvalSource, decoder: dict[str, Any], crop_size: int, crop_ratio: float, ten_crop: bool,
-                  dtype: str, layout: str, parallel: bool):
-    """Eval graph: short side to crop/ratio, centre crop or ten crops; outputs images, labels, positions, bad."""
-    jpegs, labels, positions, bad = fn.external_source(source=source, num_outputs=4, batch=True, batch_info=True,
-                                                       parallel=parallel)
+                  dtype: str, layout: str, parallel: bool, device: str):
+    """Eval graph: short side to crop/ratio, centre crop or ten crops; outputs images and labels (on
+    `device`) and the ids rows (CPU)."""
+    jpegs, ids = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=parallel)
     images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
     images = fn.resize(images, resize_shorter=float(round(crop_size / crop_ratio)), antialias=True)
     crop = dict(crop=[crop_size, crop_size])
     if not ten_crop:
-        images = _normalize(images, dtype, layout, crop_pos_x=0.5, crop_pos_y=0.5, **crop)
+        images = normalize(images, dtype, layout, crop_pos_x=0.5, crop_pos_y=0.5, **crop)
     else:  # 4 corners + centre, then the same mirrored: (10, C, H, W) per sample
         spots = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
-        crops = [_normalize(images, dtype, layout, crop_pos_x=x, crop_pos_y=y, mirror=m, **crop)
+        crops = [normalize(images, dtype, layout, crop_pos_x=x, crop_pos_y=y, mirror=m, **crop)
                  for m in (0, 1) for x, y in spots]
         images = fn.stack(*crops, axis=0)
-    return images, labels, positions, bad
-
-
-def default_threads(py_workers: int) -> int:
-    """DALI threads: this task's CPU share (SLURM_CPUS_PER_TASK or affinity) minus the Python workers."""
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or len(os.sched_getaffinity(0))
-    return max(1, cpus - py_workers)
+    return images, on(device, ids[0]), ids

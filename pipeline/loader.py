@@ -5,11 +5,16 @@ global position) (pipeline.sampling, pipeline.augment), so the state is just the
 position of the next sample. A pipeline always knows which (epoch, position) it delivers next; when
 the consumer asks for another one (a resume, an epoch skipped, an epoch iterated again) it is rebuilt.
 
-Process hygiene: Python workers are started in the constructor, so build loaders before CUDA/NCCL
-is initialised (a rebuild after that uses 'spawn' instead of 'fork'). Workers ignore SIGTERM inside a
-Slurm job (design.md, "Signals under Slurm": Slurm warns every task with SIGTERM before a requeue, and
-the job must keep running until its checkpoint), die with their parent (PR_SET_PDEATHSIG), and are
-gone after `close()`, after an exception in a `with` block, and after Ctrl-C.
+Process hygiene (pipeline.processes): Python workers are started in the constructor, so build
+loaders before CUDA/NCCL is initialised; a rebuild after that spawns them instead of forking, as DALI
+requires once the CUDA driver is up. Workers ignore SIGTERM inside a Slurm job (Slurm warns every task
+with SIGTERM before a requeue, and the job must keep running until its checkpoint), die with their
+parent (PR_SET_PDEATHSIG), and are gone after `close()`, after an exception in a `with` block, and
+after Ctrl-C.
+
+No host synchronisation per batch on the GPU: labels and colour matrices reach the GPU inside the
+DALI pipeline, ahead of time; DALI's outputs are copied into torch tensors on torch's current stream
+without waiting on the host; constants live on the device once.
 
 Bad data: excluded files are never sampled; a file that fails the byte screen at run time is
 replaced in the worker by a same-class sample chosen from (seed, epoch, position), named in the log
@@ -20,11 +25,7 @@ of the next batch, so the replacement is the same as an uninterrupted run that k
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
@@ -32,9 +33,10 @@ import numpy as np
 import torch
 
 from pipeline.augment import LUMA, AugmentSpec
-from pipeline.dali import (EvalSource, TrainSource, decoder_options, default_threads, eval_pipeline,
+from pipeline.dali import (HW_DECODER_LOAD, EvalSource, TrainSource, decoder_options, eval_pipeline, source_depth,
                            train_pipeline)
 from pipeline.datasets import ImageIndex
+from pipeline.processes import DaliProcesses, start_method
 from pipeline.sampling import ClassAwareSampler, ShuffleSampler
 
 log = logging.getLogger("senet.input")
@@ -42,7 +44,6 @@ STATE_FORMAT = 1
 SAMPLERS = {"class_aware": ClassAwareSampler, "shuffle": ShuffleSampler}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 MAX_REBUILDS = 8  # pipeline deaths tolerated per epoch before the error is raised
-WORKER_EXIT_GRACE_S = 5.0  # after close(), workers still alive this long are killed
 
 
 def _check_choice(name: str, value: Any, choices: Any) -> None:
@@ -50,76 +51,27 @@ def _check_choice(name: str, value: Any, choices: Any) -> None:
         raise ValueError(f"{name}={value!r} is invalid; use one of {sorted(choices)}")
 
 
-class _DaliProcesses:
-    """One DALI pipeline and its Python workers: started with the signal policy, closed without orphans."""
-
-    def __init__(self, pipe: Any, py_workers: int) -> None:
-        self.pipe = pipe
-        before = _child_pids()
-        if py_workers:
-            with _worker_signal_policy():
-                pipe.start_py_workers()
-        self.worker_pids = sorted(_child_pids() - before)
-        self.built = False
-
-    def run(self) -> Any:
-        if not self.built:
-            self.pipe.build()
-            self.built = True
-        return self.pipe.run()
-
-    def close(self) -> None:
-        """Shut the pipeline down; kill any worker that has not exited after a grace period."""
-        pids, self.worker_pids = self.worker_pids, []
-        killer = threading.Timer(WORKER_EXIT_GRACE_S, _kill, args=(pids,))
-        killer.daemon = True
-        killer.start()  # DALI joins its workers after a gentle stop; a worker ignoring SIGTERM could hang that
-        self.pipe = None
-        gc.collect()  # the pipeline's finalizer stops and joins the workers
-        killer.cancel()
-        _kill(pids)
+def _check_device(device: str, device_id: int | None, threads: int) -> torch.device:
+    """The torch device of a loader; 'gpu' needs the CUDA ordinal (the placement's GPU index)."""
+    _check_choice("device", device, {"cpu", "gpu"})
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device_id is None or device_id < 0:
+        raise ValueError(f"device='gpu' needs device_id (a CUDA ordinal), got {device_id!r}")
+    return torch.device("cuda", device_id)
 
 
-def _child_pids() -> set[int]:
-    """Pids of this process's children (Linux /proc)."""
-    pids: set[int] = set()
-    for task in Path("/proc/self/task").glob("*"):
-        with contextlib.suppress(OSError):
-            pids.update(int(p) for p in (task / "children").read_text().split())
-    return pids
+_LUMA: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _kill(pids: list[int]) -> None:
-    """SIGKILL those of `pids` that are still our children (a reaped pid may have been reused)."""
-    for pid in pids:
-        try:
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent != os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            os.waitpid(pid, 0)
-
-
-@contextlib.contextmanager
-def _worker_signal_policy() -> Iterator[None]:
-    """Workers forked or spawned inside this block inherit SIGTERM ignored when inside a Slurm job."""
-    if "SLURM_JOB_ID" not in os.environ or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SIG_IGN survives fork and exec
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _start_method() -> str:
-    """'fork' is cheap but unsafe once this process holds a CUDA context; 'spawn' is then used."""
-    return "spawn" if torch.cuda.is_initialized() else "fork"
+def _luma(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The luma weights on `device`, copied there once (a per-batch copy would synchronise the host)."""
+    key = (device, dtype)
+    if key not in _LUMA:
+        _LUMA[key] = torch.tensor(LUMA, dtype=dtype, device=device)
+    return _LUMA[key]
 
 
 def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype, layout: str,
@@ -142,7 +94,7 @@ def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype,
     """
     b, h, w, c = images.shape
     pixels = images.reshape(b, h * w, c)
-    luma = torch.tensor(LUMA, dtype=pixels.dtype, device=pixels.device)
+    luma = _luma(pixels.device, pixels.dtype)
     # Contrast pivots on the mean luma; every 5th pixel (10,035 of a 224x224 image; 5 is coprime with
     # the width, so the samples do not stack in columns) gives it to well under a grey level, at a
     # fifth of the cost of a full pass.
@@ -234,27 +186,30 @@ class TrainLoader(_Closing):
         index: training images; files in `exclude` are dropped before sampling.
         batch_size: images per rank and step.
         rank, world_size: global rank and world size (shards are interleaved, pipeline.sampling).
-        local_rank: the GPU of this process for device='gpu'.
         device: 'gpu' (mixed decode, GPU ops, CUDA tensors) or 'cpu' (all-CPU DALI, CPU tensors).
+        device_id: the CUDA ordinal of this process's GPU for device='gpu' (ignored on 'cpu').
         seed: run seed: sample order and augmentation draws.
         sampling: 'class_aware' (Relay-BP) or 'shuffle'.
         samples_per_epoch: global samples per epoch; None = the data set's size.
         aug: augmentation ranges.
         crop_size: output side in pixels.
         dtype: 'float16' or 'float32'; layout: 'NCHW' or 'NHWC' (the tensor's shape is in that order).
-        threads: DALI CPU threads; None = the task's CPU share minus py_workers.
+        threads: DALI CPU threads (this rank's CPU share less its Python workers).
         py_workers: processes reading files and drawing parameters (0: in this process).
         prefetch: batches DALI prepares ahead.
+        hw_decoder_load: share of JPEGs for the GPU's hardware decoder (where it has one).
         exclude: root-relative paths never to read (check-data's exclusion list).
 
-    Iterating yields (images, labels): images (B, C, H, W) or (B, H, W, C) normalised, labels int64.
+    Iterating yields (images, labels): images (B, C, H, W) or (B, H, W, C) normalised, labels int64,
+    both on the loader's device.
     """
 
-    def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, local_rank: int,
-                 device: str, seed: int, sampling: str, samples_per_epoch: int | None, aug: AugmentSpec,
-                 crop_size: int, dtype: str, layout: str, threads: int | None, py_workers: int, prefetch: int,
+    def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
+                 device_id: int | None = None, seed: int, sampling: str, samples_per_epoch: int | None,
+                 aug: AugmentSpec, crop_size: int, dtype: str, layout: str, threads: int, py_workers: int,
+                 prefetch: int, hw_decoder_load: float = HW_DECODER_LOAD,
                  exclude: set[str] | frozenset[str] = frozenset()) -> None:
-        _check_choice("device", device, {"cpu", "gpu"})
+        self.device = _check_device(device, device_id, threads)
         _check_choice("sampling", sampling, SAMPLERS)
         _check_choice("dtype", dtype, TORCH_DTYPES)
         _check_choice("layout", layout, {"NCHW", "NHWC"})
@@ -270,16 +225,14 @@ class TrainLoader(_Closing):
                              f"use a smaller batch or more samples_per_epoch")
         self.batch_size, self.seed, self.aug, self.crop_size = batch_size, seed, aug, crop_size
         self.device_kind, self.dtype, self.layout, self.prefetch = device, dtype, layout, prefetch
-        self.device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
-        self.local_rank, self.py_workers = local_rank, py_workers
-        self.threads = threads or default_threads(py_workers)
+        self.threads, self.py_workers = threads, py_workers
         self.stats: dict[str, Any] = {"replaced_samples": 0, "replaced_files": 0, "bad_files": [], "rebuilds": 0}
         self._bad: set[int] = set()
         self._epoch, self._start, self._consumed = 0, 0, 0
-        self._run: _DaliProcesses | None = None
+        self._run: DaliProcesses | None = None
         self._work: torch.Tensor | None = None  # apply_colour's scratch
         self._run_next: tuple[int, int] | None = None  # (epoch, sample) the pipeline delivers next
-        self._decoder = decoder_options(device, local_rank)
+        self._decoder = decoder_options(device, threads, hw_decoder_load)
         self._open(0, 0)  # workers start now, before the caller initialises CUDA
 
     # ------------------------------------------------------------------ public interface
@@ -339,45 +292,46 @@ class TrainLoader(_Closing):
                              self.crop_size, self.seed, epoch, start, self.batch_size, frozenset(self._bad))
         pipe = train_pipeline(
             source=source, decoder=self._decoder, crop_size=self.crop_size, parallel=self.py_workers > 0,
+            device=self.device_kind, source_prefetch=source_depth(self.prefetch, self.py_workers),
             batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
-            device_id=self.local_rank if self.device_kind == "gpu" else None, seed=self.seed,
-            py_num_workers=max(1, self.py_workers), py_start_method=_start_method())
-        self._run = _DaliProcesses(pipe, self.py_workers)
+            device_id=self.device.index if self.device.type == "cuda" else None, seed=self.seed,
+            py_num_workers=max(1, self.py_workers), py_start_method=start_method())
+        self._run = DaliProcesses(pipe, self.py_workers)
         self._run_next = (epoch, start)
 
     def _next_batch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         for attempt in range(MAX_REBUILDS + 1):
             try:
-                images, labels, colour, replaced, positions = self._run.run()
+                images, labels, colour, ids = self._run.run()
                 break
             except RuntimeError as error:  # a file the screen let through killed the pipeline
                 if attempt == MAX_REBUILDS or not self._find_bad_files(epoch, str(error)):
                     raise
                 self.stats["rebuilds"] += 1
                 self._open(epoch, self._consumed)
-        self._note_replaced(np.array(replaced.as_tensor()).ravel(), np.array(positions.as_tensor()).ravel(), epoch)
-        colour = torch.from_numpy(np.array(colour.as_tensor())).to(self.device)
+        ids = np.array(ids.as_tensor())  # (B, 3) on the host: label, replaced, position
+        self._note_replaced(ids[:, 1], ids[:, 2], epoch)
+        colour = _as_torch(colour, self.device)
         images = _as_torch(images, self.device)
         if self._work is None or self._work.device != images.device or self._work.numel() != images.numel():
             self._work = torch.empty(images.numel(), dtype=torch.float32, device=images.device)
         with _one_torch_thread(images.device):
             images = apply_colour(images, colour, TORCH_DTYPES[self.dtype], self.layout, self._work)
-        labels = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)).to(self.device, non_blocking=True)
-        return images, labels
+        return images, _to_torch(labels, self.device)
 
     def _end_epoch(self, epoch: int) -> None:
         """Consume the pipeline's end-of-epoch signal so that it is ready for the next epoch."""
         try:
             self._run.run()
         except StopIteration:
-            self._run.pipe.reset()
+            self._run.reset()
             self._run_next = (epoch + 1, 0)
         else:  # cannot happen with whole batches; rebuild rather than deliver a wrong sample
             self._run_next = None
 
     def _find_bad_files(self, epoch: int, error: str) -> bool:
         """Decode the batches in flight with PIL; remember the failures. False when none fails."""
-        ahead = (self.prefetch + 2) * self.batch_size
+        ahead = (source_depth(self.prefetch, self.py_workers) + self.prefetch + 2) * self.batch_size
         indices = self.sampler.rank_indices(epoch)[self._consumed:self._consumed + ahead].tolist()
         found = [i for i in dict.fromkeys(indices) if i not in self._bad and _undecodable(self.index.path(i))]
         for i in found:
@@ -403,17 +357,18 @@ class TrainLoader(_Closing):
 class EvalLoader(_Closing):
     """Eval batches: every file once over all ranks, in file order, contiguous shards, no padding.
 
-    Iterating yields (images, labels, positions): positions index `index.files`; images are
-    (B, C, H, W) / (B, H, W, C), or (B, 10, C, H, W) / (B, 10, H, W, C) with ten_crop (4 corners and
-    the centre, then their mirrors). The last batch may be short. Labels are -1 for unlabelled sets.
-    Files that cannot be decoded come out as a blank image and are counted in stats['bad_files'].
+    Iterating yields (images, labels, positions): positions (on the host) index `index.files`; images
+    are (B, C, H, W) / (B, H, W, C), or (B, 10, C, H, W) / (B, 10, H, W, C) with ten_crop (4 corners
+    and the centre, then their mirrors); images and labels are on the loader's device. The last batch
+    may be short. Labels are -1 for unlabelled sets. Files that cannot be decoded come out as a blank
+    image and are counted in stats['bad_files'].
     """
 
-    def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, local_rank: int,
-                 device: str, crop_size: int, crop_ratio: float = 0.875, ten_crop: bool = False,
-                 dtype: str = "float32", layout: str = "NCHW", threads: int | None = None, py_workers: int = 0,
-                 exclude: set[str] | frozenset[str] = frozenset()) -> None:
-        _check_choice("device", device, {"cpu", "gpu"})
+    def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
+                 device_id: int | None = None, crop_size: int, crop_ratio: float = 0.875, ten_crop: bool = False,
+                 dtype: str = "float32", layout: str = "NCHW", threads: int = 1, py_workers: int = 0,
+                 hw_decoder_load: float = HW_DECODER_LOAD, exclude: set[str] | frozenset[str] = frozenset()) -> None:
+        self.device = _check_device(device, device_id, threads)
         _check_choice("dtype", dtype, TORCH_DTYPES)
         _check_choice("layout", layout, {"NCHW", "NHWC"})
         if not 0 <= rank < world_size:
@@ -423,16 +378,16 @@ class EvalLoader(_Closing):
         keep = np.array([i for i, f in enumerate(index.files) if f not in exclude], dtype=np.int64)
         lo, hi = len(keep) * rank // world_size, len(keep) * (rank + 1) // world_size
         self.index, self.batch_size, self.positions = index, batch_size, keep[lo:hi]
-        self.device = torch.device(f"cuda:{local_rank}") if device == "gpu" else torch.device("cpu")
         self.stats: dict[str, Any] = {"bad_files": []}
         source = EvalSource(str(index.root), index.files, np.asarray(index.labels), self.positions, batch_size)
         self._batches = len(source)
         pipe = eval_pipeline(
-            source=source, decoder=decoder_options(device, local_rank), crop_size=crop_size, crop_ratio=crop_ratio,
-            ten_crop=ten_crop, dtype=dtype, layout=layout, parallel=py_workers > 0, batch_size=batch_size,
-            num_threads=threads or default_threads(py_workers), device_id=local_rank if device == "gpu" else None,
-            py_num_workers=max(1, py_workers), py_start_method=_start_method(), prefetch_queue_depth=2)
-        self._run: _DaliProcesses | None = _DaliProcesses(pipe, py_workers)
+            source=source, decoder=decoder_options(device, threads, hw_decoder_load), crop_size=crop_size,
+            crop_ratio=crop_ratio, ten_crop=ten_crop, dtype=dtype, layout=layout, parallel=py_workers > 0,
+            device=device, batch_size=batch_size, num_threads=threads,
+            device_id=self.device.index if self.device.type == "cuda" else None, py_num_workers=max(1, py_workers),
+            py_start_method=start_method(), prefetch_queue_depth=2)
+        self._run: DaliProcesses | None = DaliProcesses(pipe, py_workers)
         self._fresh = True
 
     def __len__(self) -> int:
@@ -442,17 +397,15 @@ class EvalLoader(_Closing):
         if self._run is None:
             raise RuntimeError("EvalLoader is closed")
         if not self._fresh:
-            self._run.pipe.reset()
+            self._run.reset()
         self._fresh = False
         for _ in range(self._batches):
-            images, labels, positions, bad = self._run.run()
-            positions = torch.from_numpy(np.array(positions.as_tensor()).reshape(-1))
-            for p, b in zip(positions.tolist(), np.array(bad.as_tensor()).ravel().tolist()):
-                if b:
-                    self.stats["bad_files"].append(self.index.files[p])
-                    log.warning("undecodable eval file %s: scored as a blank image", self.index.path(p))
-            labels = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)).to(self.device, non_blocking=True)
-            yield _to_torch(images, self.device), labels, positions
+            images, labels, ids = self._run.run()
+            ids = np.array(ids.as_tensor())  # (B, 3) on the host: label, position, bad
+            for p in ids[ids[:, 2] != 0, 1].tolist():
+                self.stats["bad_files"].append(self.index.files[p])
+                log.warning("undecodable eval file %s: scored as a blank image", self.index.path(p))
+            yield _to_torch(images, self.device), _to_torch(labels, self.device), torch.from_numpy(ids[:, 1].copy())
         with contextlib.suppress(StopIteration):
             self._run.run()  # the end-of-epoch signal; reset at the next iteration
 
@@ -462,4 +415,4 @@ class EvalLoader(_Closing):
             run.close()
 
 
-__all__ = ["TrainLoader", "EvalLoader", "AugmentSpec"]
+__all__ = ["TrainLoader", "EvalLoader", "AugmentSpec", "apply_colour"]

@@ -190,13 +190,14 @@ class _ShardedSampler:
             self._cache = (epoch, order)
         return self._cache[1]
 
-    def global_positions(self) -> np.ndarray:
-        """Global position of each of this rank's samples: the k-th is ``k * num_replicas + rank``.
+    def global_positions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Global position of this rank's samples start..stop-1 (default: all): the k-th is ``k * num_replicas + rank``.
 
         Key per-sample randomness (augmentation) on (seed, epoch, global position): it then does not
         depend on the world size, the prefetch depth or where a run was resumed.
         """
-        return np.arange(self.num_samples, dtype=np.int64) * self.num_replicas + self.rank
+        stop = self.num_samples if stop is None else min(stop, self.num_samples)
+        return np.arange(start, stop, dtype=np.int64) * self.num_replicas + self.rank
 
     def global_position(self, k: int) -> int:
         """Global position of this rank's k-th sample of the epoch (0 <= k < len(self))."""

@@ -43,6 +43,7 @@ import torch
 from training.config import Config
 from training.dist import DistInfo
 from training.engine import RunControl, run
+from training.placement import place_run
 
 log = logging.getLogger("senet.slurm")
 
@@ -78,7 +79,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             log.info("job %s, attempt %s: %d ranks on %s, run folder %s, code from %s", os.environ.get("SLURM_JOB_ID"),
                      int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1, dist.world_size,
                      os.environ.get("SLURM_JOB_NODELIST"), self.run_dir, Path(__file__).resolve().parents[1])
-        summary = run(self.cfg, dist, self.run_dir, resume="auto", control=control)
+        summary = run(self.cfg, place_run(self.cfg, dist), self.run_dir, resume="auto", control=control)
         if summary["stopped"]:
             control.leave()
         return summary
@@ -155,8 +156,8 @@ def rendezvous() -> DistInfo:
     key = f"{os.environ.get('SLURM_CLUSTER_NAME', '')}:{env.job_id}:{os.environ.get('SLURM_RESTART_COUNT', '0')}"
     digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
     os.environ["MASTER_PORT"] = str(PORT_RANGE[0] + digest % (PORT_RANGE[1] - PORT_RANGE[0]))
-    # CUDA_VISIBLE_DEVICES stays as Slurm set it (all the node's GPUs for this job): the engine picks
-    # cuda:LOCAL_RANK, and DALI uses the same index.
+    # CUDA_VISIBLE_DEVICES stays as Slurm set it (the node's GPUs for this job, or this task's own): the
+    # placement picks cuda:(LOCAL_RANK mod visible GPUs), and DALI uses the same index.
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return DistInfo.from_env()
 

@@ -96,9 +96,9 @@ def check_job_config(cfg: Config) -> None:
         ConfigError: naming the keys and the fix.
     """
     s = cfg.slurm
-    if cfg.data.device == "gpu" and s.gpus_per_node == 0:
-        raise ConfigError("data.device = 'gpu' but slurm.gpus_per_node = 0; ask for GPUs (--gpus-per-node 8) "
-                          "or set data.device=cpu")
+    if cfg.train.device == "gpu" and s.gpus_per_node == 0:
+        raise ConfigError("train.device = 'gpu' but slurm.gpus_per_node = 0; ask for GPUs (--gpus-per-node 8) "
+                          "or set train.device=cpu")
     if s.signal_delay_s >= s.time_min * 60:
         raise ConfigError(f"slurm.signal_delay_s = {s.signal_delay_s} is not shorter than the time limit "
                           f"({s.time_min} min): the checkpoint signal would come before the job starts; "
@@ -109,7 +109,7 @@ def sbatch_parameters(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """submitit SlurmExecutor parameters (sbatch names) for `cfg` in `run_dir`.
 
     submitit adds `--signal=USR2@signal_delay_s`, `--open-mode=append` (a requeued job appends to its
-    logs) and the per-rank `--output/--error` of srun.
+    logs) and the per-rank `--output/--error` of srun; we add srun's `--cpus-per-task`.
     """
     s = cfg.slurm
     run_dir = run_dir.resolve()
@@ -121,6 +121,9 @@ def sbatch_parameters(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "time": s.time_min,
         "signal_delay_s": s.signal_delay_s,
         "wckey": None,  # not submitit's default 'submitit': clusters that enforce wckeys would refuse it
+        # srun of Slurm 22.05-23.02 does not read SLURM_CPUS_PER_TASK from sbatch: without the option each task
+        # gets one CPU (and its affinity mask says so) however many the job asked for.
+        "srun_args": ["--cpus-per-task", str(s.cpus_per_task)],
         "setup": [
             f"export PYTHONPATH={shlex.quote(str(run_dir / CODE))}",  # the snapshot, before any installed copy
             "export PYTHONSAFEPATH=1",  # the working folder never shadows the snapshot

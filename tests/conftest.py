@@ -1,10 +1,12 @@
 """Shared fixtures: small real data sets written by `make-synthetic` (real JPEGs, real devkit)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from pipeline.datasets import ImageIndex, index_train
 from pipeline.synthetic import SyntheticSpec, make_synthetic
 
 SMALL = SyntheticSpec(classes=6, train_per_class=12, val_per_class=4, test=8, imbalance=3.0, corrupt=5, seed=7,
@@ -20,6 +22,28 @@ def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data") / "ilsvrc"
     make_synthetic(root, SMALL)
     return root
+
+
+def planted(tree: Path, *kinds: str) -> set[str]:
+    """Root-relative paths of the files `make-synthetic --corrupt` planted, of these kinds."""
+    return {p["path"] for p in json.loads((tree / "synthetic.json").read_text())["planted"] if p["kind"] in kinds}
+
+
+def tree_with_a_pipeline_killer(tree: Path, dest: Path) -> tuple[ImageIndex, str]:
+    """`tree`'s training images less its undecodable ones, linked under `dest`, with one file broken so that
+    it passes the byte screen but kills the decoder (a bogus Huffman table). Returns the index and that file."""
+    index = index_train(tree)
+    keep = [i for i, f in enumerate(index.files) if f not in planted(tree, "truncated", "zero_bytes")]
+    index = ImageIndex(index.root, tuple(index.files[i] for i in keep), index.labels[keep], index.classes)
+    victim = index.files[3]
+    data = (index.root / victim).read_bytes()
+    for f in set(index.files):
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        (dest / f).symlink_to(index.root / f)
+    (dest / victim).unlink()
+    dht = data.find(b"\xff\xc4")  # the header and the end marker stay fine
+    (dest / victim).write_bytes(data[:dht + 5] + b"\xff" * 20 + data[dht + 25:])
+    return ImageIndex(dest, index.files, index.labels, index.classes), victim
 
 
 LEARN_CLASSES = 6
@@ -46,7 +70,7 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     subprocess.run(senet + ["check-data", str(data), "--cache-dir", str(cache), "--quiet"], capture_output=True, check=False)
     config = tmp / "tiny.yaml"
     config.write_text("model:\n  arch: se_resnext_tiny\n  channels_last: false\ntrain:\n  seed: 3\n")
-    sets = [f"model.num_classes={LEARN_CLASSES}", "data.device=cpu", "data.dtype=float32", "data.py_workers=1",
+    sets = [f"model.num_classes={LEARN_CLASSES}", "train.device=cpu", "data.dtype=float32", "data.py_workers=1",
             "data.threads=1", "train.precision=fp32", f"data.root={data}", f"data.cache_dir={cache}",
             "data.sampling=class_aware", "data.crop_size=48", "data.rotation=10", "data.brightness=0.4",
             "data.contrast=0.4", "data.saturation=0.4", "data.hue=0.05", "data.flip=0.5", "train.epochs=16",

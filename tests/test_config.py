@@ -39,7 +39,7 @@ def test_overrides_convert_types_and_win_over_the_file() -> None:
     ("train.epochs=three", "train.epochs must be an integer, got 'three'"),
     ("train.epochs=2.5", "train.epochs must be an integer"),
     ("train.epochs=0", "train.epochs = 0 is below the minimum 1"),
-    ("data.device=tpu", "data.device = 'tpu' is not one of 'cpu', 'gpu'"),
+    ("train.device=tpu", "train.device = 'tpu' is not one of 'gpu', 'cpu'"),
     ("data.flip=1.5", "data.flip = 1.5 is above the maximum 1.0"),
     ("model.channels_last=yes please", "model.channels_last must be true or false"),
     ("data.min_area=0.9", None),  # valid alone ...
@@ -81,7 +81,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
 
 def test_reference_documents_every_key() -> None:
     ref = config_reference()
-    for key in ("model.arch", "model.num_classes", "data.root", "data.device", "data.sampling", "data.crop_size",
+    for key in ("model.arch", "model.num_classes", "data.root", "train.device", "data.sampling", "data.crop_size",
                 "train.epochs", "train.batch_size", "train.checkpoint_every", "train.seed", "optim.lr",
                 "optim.reference_batch", "data.cache_dir", "data.exclude_file", "slurm.nodes"):
         assert f"`{key}`" in ref

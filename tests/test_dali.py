@@ -45,7 +45,7 @@ def crafted_index(tmp_path_factory: pytest.TempPathFactory) -> ImageIndex:
 
 def batch(index: ImageIndex, aug: AugmentSpec, seed: int = 0, layout: str = "NHWC") -> np.ndarray:
     """The first batch of 4, denormalised to 0-255 floats (B, H, W, C)."""
-    with TrainLoader(index, batch_size=4, rank=0, world_size=1, local_rank=0, device="cpu", seed=seed,
+    with TrainLoader(index, batch_size=4, rank=0, world_size=1, device="cpu", seed=seed,
                      sampling="shuffle", samples_per_epoch=None, aug=aug, crop_size=SIZE, dtype="float32",
                      layout=layout, threads=1, py_workers=0, prefetch=1) as loader:
         images, labels = next(iter(loader))
@@ -155,7 +155,7 @@ def test_image_header_and_byte_screen() -> None:
 
 
 def test_eval_centre_and_ten_crop(crafted_index: ImageIndex) -> None:
-    kw = dict(batch_size=3, rank=0, world_size=1, local_rank=0, device="cpu", crop_size=SIZE, dtype="float32",
+    kw = dict(batch_size=3, rank=0, world_size=1, device="cpu", crop_size=SIZE, dtype="float32",
               layout="NCHW", threads=1, py_workers=0)
     with EvalLoader(crafted_index, **kw) as loader:
         got = [(x.shape, p.tolist()) for x, _, p in loader]
@@ -165,3 +165,66 @@ def test_eval_centre_and_ten_crop(crafted_index: ImageIndex) -> None:
     assert x.shape == (3, 10, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 0]
     np.testing.assert_allclose(x[:, 5:].numpy(), x[:, :5].flip(-1).numpy(), atol=1e-5)  # mirrors of the five
 
+
+
+def test_a_sample_gets_the_same_draw_alone_and_in_any_batch() -> None:
+    """Resume, another world size or another batch size put a position into another batch: same numbers."""
+    from pipeline.dali import sample_params
+
+    spec = AugmentSpec(hue=0.1)
+    positions = np.arange(500, 564)
+    widths, heights = 200 + positions % 300, 150 + positions % 211
+    whole = sample_params(spec, 7, 3, positions, widths, heights, 224)
+    parts = np.concatenate([sample_params(spec, 7, 3, positions[i:i + 5], widths[i:i + 5], heights[i:i + 5], 224)
+                            for i in range(0, 64, 5)])
+    assert np.array_equal(whole, parts)
+    single = draw(spec, 7, 3, 530, int(widths[30]), int(heights[30]))
+    g = warp_geometry(single, int(widths[30]), int(heights[30]), 224)
+    assert np.array_equal(g["matrix"].ravel(), whole[30, 7:13]) and np.array_equal(g["anchor"], whole[30, 0:2])
+
+
+def _graph(pipe) -> tuple[list, list]:
+    """The operators of a pipeline's Python graph (built without a device) and its outputs."""
+    pipe._build_graph()  # DALI offers no public graph walk that works without a GPU
+    return pipe._ops, pipe._graph_outputs
+
+
+def _ops(ops: list, suffix: str) -> list:
+    return [op for op in ops if op._op._operator_name().endswith(suffix)]
+
+
+def test_gpu_graphs_put_the_decoder_on_mixed_the_pixels_on_gpu_and_arguments_on_the_cpu() -> None:
+    """The GPU training and eval graphs, constructed on this CPU machine (device_id=0; not buildable here)."""
+    from pipeline.dali import EvalSource, TrainSource, decoder_options, eval_pipeline, train_pipeline
+    from pipeline.sampling import ClassAwareSampler
+
+    labels = np.array([0, 1, 0, 1])
+    source = TrainSource("/nowhere", ("a",) * 4, labels, ClassAwareSampler(labels, 1, 0, 0), AugmentSpec(), 64, 0, 0,
+                         0, 2)
+    train = train_pipeline(source=source, decoder=decoder_options("gpu", 4), crop_size=64, parallel=True, device="gpu",
+                           source_prefetch=2, batch_size=2, num_threads=1, device_id=0, py_num_workers=1)
+    ops, outputs = _graph(train)
+    assert [(o.device) for o in outputs] == ["gpu", "gpu", "gpu", "cpu"]  # images, labels, colour; ids on the host
+    (decoder,) = _ops(ops, "decoders.image_slice")
+    assert decoder._op.device == "mixed"
+    assert [d for d in (decoder.spec.InputDevice(i) for i in range(decoder.spec.NumInput()))] == ["cpu"] * 3
+    pixel_ops = _ops(ops, ".resize") + _ops(ops, ".warp_affine") + _ops(ops, "_conditional.merge")
+    assert len(pixel_ops) == 3 and all(op._op.device == "gpu" for op in pixel_ops)
+    for op in ops:  # argument inputs (after the regular ones) are always host data
+        s = op.spec
+        assert all(s.InputDevice(i) == "cpu" for i in range(s.NumRegularInput(), s.NumInput())), op._op._operator_name()
+        if op._op.device == "cpu":  # the host part of the graph only slices the per-sample argument rows
+            assert op._op._operator_name().rsplit(".", 1)[-1] in {"external_source", "_tensor_subscript", "cast",
+                                                                  "reshape", "gt", "split"}, op._op._operator_name()
+
+    evaluate = eval_pipeline(source=EvalSource("/nowhere", ("a",) * 4, labels, np.arange(4), 2),
+                             decoder=decoder_options("gpu", 4), crop_size=64, crop_ratio=0.875, ten_crop=True,
+                             dtype="float16", layout="NCHW", parallel=False, device="gpu", batch_size=2, num_threads=1,
+                             device_id=0)
+    ops, outputs = _graph(evaluate)
+    assert [o.device for o in outputs] == ["gpu", "gpu", "cpu"]
+    (decoder,) = _ops(ops, "decoders.image")
+    assert decoder._op.device == "mixed" and decoder.spec.InputDevice(0) == "cpu"
+    normalize = _ops(ops, "crop_mirror_normalize")
+    assert len(normalize) == 10 and all(op._op.device == "gpu" for op in normalize + _ops(ops, ".resize"))
+    assert all(op._op.device == "gpu" for op in _ops(ops, ".stack"))

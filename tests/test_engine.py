@@ -18,6 +18,7 @@ from training import engine
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, unwrap
 from training.config import Config, ConfigError, OptimConfig, load_config
 from training.dist import DistInfo
+from training.placement import place_run
 from training.metrics import MetricsLog, read_metrics
 from training.optim import LRSchedule, build_optimizer, param_groups, real_apex_fused_sgd
 from training.precision import resolve_precision
@@ -263,6 +264,7 @@ def in_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     data = engine.Data(types.SimpleNamespace(classes=("a", "b", "c")), None, frozenset())
     monkeypatch.setattr(engine, "preflight", lambda cfg: None)
     monkeypatch.setattr(engine, "load_data", lambda cfg: data)
+    monkeypatch.setattr(engine, "check_input_resources", lambda cfg, place, data: None)
     monkeypatch.setattr(engine, "build_loaders", lambda cfg, dist, data: (TensorLoader(96, 8, cfg.train.seed),
                                                                           EvalTensorLoader(24, 8)))
 
@@ -271,7 +273,7 @@ def in_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
     monkeypatch.setattr(engine, "build_model", small_model)
-    overrides = ["model.num_classes=3", "data.device=cpu", "train.epochs=3", "train.batch_size=8", "train.log_every=4",
+    overrides = ["model.num_classes=3", "train.device=cpu", "train.epochs=3", "train.batch_size=8", "train.log_every=4",
                  "train.checkpoint_every=5", "optim.lr=0.1", "optim.reference_batch=8", "optim.warmup_epochs=1"]
     threads = torch.get_num_threads()
     yield load_config(None, overrides), tmp_path
@@ -281,7 +283,7 @@ def in_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 def test_stop_on_request_then_resume_is_exact_and_metrics_read_as_one_run(in_memory) -> None:
     cfg, tmp = in_memory
-    whole = engine.run(cfg, DistInfo(), tmp / "whole", resume=None)
+    whole = engine.run(cfg, place_run(cfg, DistInfo()), tmp / "whole", resume=None)
     assert whole["step"] == 36 and not whole["stopped"] and 0 <= whole["val_top1"] <= 1
 
     control = StopAt(17)
@@ -294,9 +296,9 @@ def test_stop_on_request_then_resume_is_exact_and_metrics_read_as_one_run(in_mem
         return real_step(*args)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "train_step", step_then_signal)
-        part = engine.run(cfg, DistInfo(), tmp / "part", resume="auto", control=control)
+        part = engine.run(cfg, place_run(cfg, DistInfo()), tmp / "part", resume="auto", control=control)
     assert part["stopped"] and part["step"] == 17 and control.saved == [17]
-    rest = engine.run(cfg, DistInfo(), tmp / "part", resume="auto")
+    rest = engine.run(cfg, place_run(cfg, DistInfo()), tmp / "part", resume="auto")
     assert rest["step"] == 36
 
     a = torch.load(tmp / "whole" / "checkpoints" / "last.pt", weights_only=True)
@@ -325,7 +327,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_memory, monkeypatc
         return real_step(model, images * (float("nan") if calls[0] == 7 else 1.0), labels, *rest)
     monkeypatch.setattr(engine, "train_step", poisoned)
     with pytest.raises(engine.NonFiniteLoss, match="at step 7"):
-        engine.run(cfg, DistInfo(), tmp / "nan", resume=None)
+        engine.run(cfg, place_run(cfg, DistInfo()), tmp / "nan", resume=None)
     ckpt = torch.load(tmp / "nan" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp / "nan" / "metrics.jsonl") if "loss" in r)

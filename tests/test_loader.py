@@ -17,17 +17,15 @@ import torch
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import ImageIndex, index_train, index_val
 from pipeline.devkit import load_devkit
-from pipeline.loader import EvalLoader, TrainLoader, _child_pids
+from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.processes import child_pids, start_method
+from tests.conftest import planted, tree_with_a_pipeline_killer
 
 CROP = 32
 
 
-def planted(tree: Path, *kinds: str) -> set[str]:
-    return {p["path"] for p in json.loads((tree / "synthetic.json").read_text())["planted"] if p["kind"] in kinds}
-
-
 def train_loader(index: ImageIndex, **kw) -> TrainLoader:
-    args = dict(batch_size=6, rank=0, world_size=1, local_rank=0, device="cpu", seed=11, sampling="class_aware",
+    args = dict(batch_size=6, rank=0, world_size=1, device="cpu", seed=11, sampling="class_aware",
                 samples_per_epoch=None, aug=AugmentSpec(), crop_size=CROP, dtype="float16", layout="NCHW", threads=1,
                 py_workers=0, prefetch=2, exclude=frozenset())
     args.update(kw)
@@ -108,7 +106,7 @@ def test_eval_shards_cover_every_image_once(small_tree: Path, world_size: int) -
     val = index_val(small_tree, load_devkit(small_tree / "ILSVRC2012_devkit_t12"), train.classes)
     seen, labels = [], []
     for rank in range(world_size):
-        with EvalLoader(val, batch_size=5, rank=rank, world_size=world_size, local_rank=0, device="cpu",
+        with EvalLoader(val, batch_size=5, rank=rank, world_size=world_size, device="cpu",
                         crop_size=CROP, dtype="float32", layout="NCHW", threads=1, py_workers=world_size - 1) as ev:
             batches = list(ev)
             assert len(batches) == len(ev)
@@ -136,21 +134,7 @@ def test_corrupt_file_is_named_replaced_and_counted(small_tree: Path, caplog: py
 
 def test_file_that_kills_the_pipeline_is_found_and_replaced(small_tree: Path, tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    index = index_train(small_tree)
-    keep = [i for i, f in enumerate(index.files) if f not in planted(small_tree, "truncated", "zero_bytes")]
-    index = ImageIndex(index.root, tuple(index.files[i] for i in keep), index.labels[keep], index.classes)
-    victim = index.files[3]
-    data = (index.root / victim).read_bytes()
-    broken = tmp_path / "tree"
-    for f in set(index.files):
-        (broken / f).parent.mkdir(parents=True, exist_ok=True)
-        (broken / f).symlink_to(index.root / f)
-    (broken / victim).unlink()
-    # A bogus Huffman table: the header and the end marker are fine (the byte screen passes), the
-    # decoder fails and takes the whole DALI pipeline with it.
-    dht = data.find(b"\xff\xc4")
-    (broken / victim).write_bytes(data[:dht + 5] + b"\xff" * 20 + data[dht + 25:])
-    index = ImageIndex(broken, index.files, index.labels, index.classes)
+    index, victim = tree_with_a_pipeline_killer(small_tree, tmp_path / "tree")
     with caplog.at_level(logging.WARNING, logger="senet.input"):
         with train_loader(index, sampling="shuffle", batch_size=2) as loader:
             n = sum(len(y) for _, y in loader)
@@ -185,17 +169,17 @@ def _alive(pids: set[int]) -> set[int]:
 
 def test_no_worker_processes_after_close_or_exception(clean) -> None:
     index, bad = clean
-    before = _child_pids()
+    before = child_pids()
     loader = train_loader(index, exclude=bad, py_workers=2)
-    workers = _child_pids() - before
+    workers = child_pids() - before
     assert len(workers) == 2
     next(iter(loader))
     loader.close()
     assert not _alive(workers)
-    before = _child_pids()
+    before = child_pids()
     with pytest.raises(ZeroDivisionError):
         with train_loader(index, exclude=bad, py_workers=2) as loader:
-            workers = _child_pids() - before
+            workers = child_pids() - before
             next(iter(loader))
             1 / 0
     assert workers and not _alive(workers)
@@ -204,9 +188,9 @@ def test_no_worker_processes_after_close_or_exception(clean) -> None:
 def test_workers_survive_sigterm_inside_slurm(clean, monkeypatch: pytest.MonkeyPatch) -> None:
     index, bad = clean
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    before = _child_pids()
+    before = child_pids()
     with train_loader(index, exclude=bad, py_workers=1) as loader:
-        workers = _child_pids() - before
+        workers = child_pids() - before
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
         time.sleep(0.3)
@@ -235,7 +219,7 @@ def test_resume_at_the_end_of_an_epoch_continues_with_the_next(clean) -> None:
 def test_eval_survives_bad_files(small_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     index = index_train(small_tree)  # holds a truncated and an empty file
     with caplog.at_level(logging.WARNING, logger="senet.input"):
-        with EvalLoader(index, batch_size=16, rank=0, world_size=1, local_rank=0, device="cpu", crop_size=CROP,
+        with EvalLoader(index, batch_size=16, rank=0, world_size=1, device="cpu", crop_size=CROP,
                         threads=1, py_workers=1) as ev:
             positions = [p for _, _, pos in ev for p in pos.tolist()]
             bad = sorted(ev.stats["bad_files"])
@@ -244,48 +228,25 @@ def test_eval_survives_bad_files(small_tree: Path, caplog: pytest.LogCaptureFixt
     assert all(f in caplog.text for f in bad)
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_workers_are_spawned_once_dali_reports_the_cuda_driver_initialised(clean, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DALI refuses to fork after the driver is up (its own check): the loader asks the same check and
+    spawns its workers instead; the batches are the same."""
+    import multiprocessing
 
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_loader_matches_the_cpu_one(clean) -> None:
-    """Mixed decode + GPU warp + colour on the GPU: CUDA tensors close to the CPU path's (decoders differ)."""
-    index, bad = clean
-    with train_loader(index, exclude=bad, device="gpu", py_workers=1) as g:
-        xg, yg = next(iter(g))
-    with train_loader(index, exclude=bad) as c:
-        xc, yc = next(iter(c))
-    assert xg.is_cuda and yg.is_cuda and xg.dtype == torch.float16 and yg.dtype == torch.int64
-    assert torch.equal(yg.cpu(), yc)
-    assert (xg.float().cpu() - xc.float()).abs().mean() < 0.1  # normalised units: a few grey levels
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_eval_covers_every_image_once(small_tree: Path) -> None:
-    train = index_train(small_tree)
-    val = index_val(small_tree, load_devkit(small_tree / "ILSVRC2012_devkit_t12"), train.classes)
-    seen = []
-    for rank in range(2):
-        with EvalLoader(val, batch_size=5, rank=rank, world_size=2, local_rank=0, device="gpu", crop_size=CROP,
-                        ten_crop=True, threads=1, py_workers=1) as ev:
-            for images, labels, positions in ev:
-                assert images.is_cuda and images.shape[1:] == (10, 3, CROP, CROP) and labels.is_cuda
-                seen += positions.tolist()
-    assert seen == list(range(len(val)))
-
-
-def test_spawned_workers_give_the_same_batches(clean, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once CUDA is initialised the loader spawns its workers instead of forking: same batches."""
-    import pipeline.loader as loader_module
+    from nvidia.dali import backend
 
     index, bad = clean
+    assert start_method() == "fork"  # nothing here has initialised the driver
     with train_loader(index, exclude=bad, py_workers=1) as forked:
         expected = next(iter(forked))
-    monkeypatch.setattr(loader_module, "_start_method", lambda: "spawn")
+    monkeypatch.setattr(backend, "IsDriverInitialized", lambda: True)
+    assert start_method() == "spawn"
+    seen = []
+    real_context = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: seen.append(method) or real_context(method))
     with train_loader(index, exclude=bad, py_workers=1) as spawned:
         got = next(iter(spawned))
+    assert "spawn" in seen
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
 
 
@@ -293,12 +254,13 @@ _RUNNER = """
 import sys
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import index_train
-from pipeline.loader import TrainLoader, _child_pids
-loader = TrainLoader(index_train(sys.argv[1]), batch_size=4, rank=0, world_size=1, local_rank=0, device="cpu", seed=0,
+from pipeline.loader import TrainLoader
+from pipeline.processes import child_pids
+loader = TrainLoader(index_train(sys.argv[1]), batch_size=4, rank=0, world_size=1, device="cpu", seed=0,
                      sampling="shuffle", samples_per_epoch=None, aug=AugmentSpec(), crop_size=32, dtype="float16",
                      layout="NCHW", threads=1, py_workers=2, prefetch=2)
 with loader:
-    print(" ".join(map(str, sorted(_child_pids()))), flush=True)
+    print(" ".join(map(str, sorted(child_pids()))), flush=True)
     epoch = 0
     while True:
         loader.set_epoch(epoch)

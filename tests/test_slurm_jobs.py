@@ -35,9 +35,9 @@ WORLD = 4  # 2 nodes x 2 tasks
 EPOCHS, STEPS_PER_EPOCH = 6, 6  # 96 training images / (4 ranks x batch 4)
 CONFIG = f"""\
 model: {{arch: se_resnext_tiny, num_classes: 6, channels_last: false}}
-data: {{device: cpu, dtype: float32, crop_size: 32, py_workers: 1, threads: 1}}
+data: {{dtype: float32, crop_size: 32, py_workers: 1, threads: 1}}
 optim: {{lr: 0.4, reference_batch: 64}}
-train: {{epochs: {EPOCHS}, batch_size: 4, seed: 3, precision: fp32, log_every: 2, checkpoint_every: 1000}}
+train: {{device: cpu, epochs: {EPOCHS}, batch_size: 4, seed: 3, precision: fp32, log_every: 2, checkpoint_every: 1000}}
 slurm: {{nodes: 2, gpus_per_node: 2, cpus_per_task: 1, time_min: 10, signal_delay_s: 30, exclusive: false}}
 """
 JOB_TIMEOUT_S = 180  # a requeue cycle takes ~22 s here, a job start ~10 s on the loaded 2-core machine
@@ -164,6 +164,9 @@ def test_dry_run_of_the_paper_recipe_shows_4_nodes_of_8_gpus_and_8_tasks(tmp_pat
                  "#SBATCH --cpus-per-task=10", "#SBATCH --time=1440", "#SBATCH --signal=USR2@120"):
         assert line in script.splitlines(), script
     assert "submitit.core._submit" in script and "PYTHONPATH=" in script
+    # srun of Slurm 22.05-23.02 does not inherit --cpus-per-task from sbatch: the job passes it itself
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert "--cpus-per-task 10" in srun, srun
     assert list(tmp_path.iterdir()) == []  # nothing submitted, no run folder
 
 
@@ -178,7 +181,7 @@ def test_cpu_job_has_one_task_per_node_and_no_gpus(tmp_path: Path) -> None:
     params = sbatch_parameters(cfg, tmp_path / "run")
     assert params["ntasks_per_node"] == 1 and "gpus_per_node" not in params and params["partition"] == "debug"
     with pytest.raises(ConfigError, match="slurm.gpus_per_node = 0"):
-        check_job_config(load_config(ROOT / "configs" / "demo.yaml", ["slurm.gpus_per_node=0", "data.device=gpu"]))
+        check_job_config(load_config(ROOT / "configs" / "demo.yaml", ["slurm.gpus_per_node=0", "train.device=gpu"]))
     with pytest.raises(ConfigError, match="signal_delay_s"):
         check_job_config(load_config(ROOT / "configs" / "demo.yaml", ["slurm.time_min=1", "slurm.signal_delay_s=60"]))
 

@@ -17,7 +17,8 @@ def _index(args: argparse.Namespace):
 
 def cmd_bench_input(args: argparse.Namespace) -> int:
     from pipeline.bench import EXTRA_STAGES, STAGES, BenchSpec, plot, run_bench
-    from pipeline.dali import default_threads
+    from pipeline.dali import HW_DECODER_LOAD
+    from training.placement import place
 
     if args.batch_size < 1 or args.batches < 1 or (args.threads is not None and args.threads < 1):
         raise UsageError(f"--batch-size {args.batch_size}, --batches {args.batches} and --threads {args.threads} "
@@ -27,11 +28,16 @@ def cmd_bench_input(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"--stages: unknown {unknown}; use a comma-separated subset of "
                          f"{', '.join(STAGES + EXTRA_STAGES)}")
+    if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
+        raise UsageError(f"--hw-decoder-load {args.hw_decoder_load}: a share in [0, 1]")
     index = _index(args)
-    threads = args.threads or default_threads(0)
-    spec = BenchSpec(device=args.device, batch_size=args.batch_size, threads=threads, py_workers=args.py_workers,
-                     batches=args.batches, warmup=args.warmup, crop_size=args.crop_size)
+    here = place(args.device, threads=args.threads, py_workers=args.py_workers)
+    threads = here.dali_threads
+    spec = BenchSpec(device=args.device, device_id=here.gpu_index, batch_size=args.batch_size, threads=threads,
+                     py_workers=args.py_workers, batches=args.batches, warmup=args.warmup, crop_size=args.crop_size,
+                     hw_decoder_load=HW_DECODER_LOAD if args.hw_decoder_load is None else args.hw_decoder_load)
     result = run_bench(index, spec, stages, baseline=args.baseline)
+    result["placement"] = here.describe()
     write_json(args.json, result)
     if args.plot:
         plot(result, args.plot)
@@ -52,14 +58,15 @@ def cmd_preview_augment(args: argparse.Namespace) -> int:
 
     from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec
     from pipeline.loader import TrainLoader
+    from training.placement import place
 
     if args.n < 1:
         raise UsageError(f"--n {args.n} must be >= 1")
     index = _index(args)
-    with TrainLoader(index, batch_size=args.n, rank=0, world_size=1, local_rank=0, device="cpu", seed=args.seed,
+    with TrainLoader(index, batch_size=args.n, rank=0, world_size=1, device="cpu", seed=args.seed,
                      sampling="class_aware", samples_per_epoch=max(args.n, len(index)), aug=AugmentSpec(),
-                     crop_size=args.crop_size, dtype="float32", layout="NHWC", threads=None, py_workers=0,
-                     prefetch=1) as loader:
+                     crop_size=args.crop_size, dtype="float32", layout="NHWC", threads=place("cpu").dali_threads,
+                     py_workers=0, prefetch=1) as loader:
         images, labels = next(iter(loader))
     pixels = images.numpy() * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)  # denormalise
     tiles = np.clip(pixels, 0, 255).astype(np.uint8)
@@ -83,7 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="folder of class folders, or an ILSVRC root (its train/ is used)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="DALI threads (default: the CPUs of this task)")
+    p.add_argument("--threads", type=int, default=None, help="DALI threads (default: this process's CPU share less "
+                   "the Python workers)")
+    p.add_argument("--hw-decoder-load", type=float, default=None, help="share of JPEGs for the GPU's hardware "
+                   "decoder, where it has one (default 0.65, as data.hw_decoder_load; 0: nvJPEG's hybrid decoder only)")
     p.add_argument("--py-workers", type=int, default=0, help="Python worker processes feeding DALI")
     p.add_argument("--batches", type=int, default=100, help="timed batches per stage (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,48 +36,29 @@ def _predict_argv(args: argparse.Namespace) -> list[str]:
 
 
 def predict_here(args: argparse.Namespace) -> int:
-    """Score this rank's shard, then (rank 0) merge all shards and write the submission."""
+    """This process as one predict rank; rank 0 writes the submission (and the scores)."""
     import numpy as np
-    import torch
 
     from pipeline.datasets import load_exclusions, read_exclusions
-    from training import dist as distmod
-    from training.dist import DistInfo
-    from training.predict import devkit_columns, image_index, load_model, merge_parts, score_shard
+    from training.placement import place
+    from training.predict import image_index, predict
     from training.submission import top_ids, write_submission
 
-    dist = DistInfo.from_env()
+    here = place(args.device)  # this rank's CPU share: N ranks never start N all-core DALI pools
     kit = load_devkit(args.devkit)
     images = image_index(args.images)
     folder = Path(args.images)
     listed = load_exclusions(folder.resolve().parent, args.cache_dir) | read_exclusions(args.exclude)
     exclude = frozenset(n for n in images.files if n in listed or f"{folder.name}/{n}" in listed)
-    device = torch.device(f"cuda:{dist.local_rank}" if args.device == "gpu" else "cpu")
-    torch.set_num_threads(distmod.cpus_per_rank(dist))  # as the engine's evaluation does: same kernels, same sums
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise Failure("--device gpu but CUDA is not available here; use --device cpu")
-    parts = Path(f"{args.out}.parts")
-    owns_group = distmod.init_distributed(dist, "gloo", timeout_s=1800)
-    try:
-        model, state = load_model(args.checkpoint, device)
-        columns = devkit_columns(state["classes"], kit, args.checkpoint)
-        positions, probs = score_shard(model, state, images, columns, kit.num_classes, dist, args.device,
-                                       args.ten_crop, args.batch_size, exclude)
-        parts.mkdir(parents=True, exist_ok=True)
-        np.savez(parts / f"rank{dist.rank:05d}.npz", positions=positions, probs=probs)
-        distmod.barrier()
-        if not dist.is_main:
-            return 0
-        scores = merge_parts(sorted(parts.glob("rank*.npz")), images, kit.num_classes, exclude)
-    finally:
-        if owns_group:
-            distmod.teardown_distributed()
-    shutil.rmtree(parts, ignore_errors=True)
+    scores = predict(args.checkpoint, images, kit, here, ten_crop=args.ten_crop, batch_size=args.batch_size,
+                     exclude=exclude, parts=Path(f"{args.out}.parts"))
+    if scores is None:  # not rank 0
+        return 0
     write_submission(args.out, top_ids(scores.probs))
     if args.scores:
         np.save(args.scores, scores.probs)
     crops = "ten-crop" if args.ten_crop else "single-crop"
-    print(f"wrote {args.out}: {len(scores.names)} images ({crops}, {dist.world_size} process(es)), "
+    print(f"wrote {args.out}: {len(scores.names)} images ({crops}, {here.dist.world_size} process(es) on {here.device}), "
           f"{len(scores.excluded)} on the exclusion list given the class prior"
           + (f"; scores {args.scores} (images x {kit.num_classes}, column j = ILSVRC2012_ID j+1)" if args.scores else ""))
     return 0

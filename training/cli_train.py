@@ -11,8 +11,6 @@ clean stop at the next agreed step boundary.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -46,12 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc {args.nproc}: must be at least 1")
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun, our launcher, or a Slurm wrapper
     if args.nproc > 1 and not in_job:
-        if cfg.data.device == "gpu":
-            import torch
+        if cfg.train.device == "gpu":
+            from training.placement import gpu_count
 
-            if args.nproc > torch.cuda.device_count():  # NVML query: does not initialise CUDA here
-                raise UsageError(f"--nproc {args.nproc} with data.device=gpu needs {args.nproc} GPUs; this machine has "
-                                 f"{torch.cuda.device_count()} (use data.device=cpu for gloo processes)")
+            if args.nproc > gpu_count():  # NVML: does not initialise the CUDA driver here
+                raise UsageError(f"--nproc {args.nproc} with train.device=gpu needs {args.nproc} GPUs, one per process; "
+                                 f"this machine shows {gpu_count()} (use train.device=cpu for gloo processes)")
         save_given_config(args.config, out)
         return launch_local(args, out)
     if not in_job:
@@ -67,16 +65,17 @@ def save_given_config(config: str, out: Path) -> None:
 def train_here(cfg: Config, out: Path, resume: str) -> int:
     """Run this process as one rank (from the environment) and print the summary on rank 0."""
     from training.checkpoint import CheckpointError
-    from training.dist import DistInfo
     from training.engine import NonFiniteLoss, RunControl, run
+    from training.placement import place_run
 
-    dist = DistInfo.from_env()
+    place = place_run(cfg)
+    dist = place.dist
     if not dist.is_main:
         logging.getLogger("senet").setLevel(logging.WARNING)  # one voice: rank 0 reports progress
     control = RunControl()
     signal.signal(signal.SIGTERM, lambda *_: control.request_checkpoint(stop=True))
     try:
-        summary = run(cfg, dist, out, resume=None if resume == "none" else resume, control=control)
+        summary = run(cfg, place, out, resume=None if resume == "none" else resume, control=control)
     except (NonFiniteLoss, CheckpointError) as e:
         if not dist.is_main:
             return 1  # every rank knows; rank 0 says it once
@@ -95,6 +94,7 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
 
 def launch_local(args: argparse.Namespace, out: Path) -> int:
     """Start `--nproc` ranks of this command on this machine and wait for them."""
+    from pipeline.processes import become_subreaper, kill_children
     from training.launch import launch_ranks
 
     command = [sys.executable, "-m", "training", "train", args.config, "--out", str(out), "--resume", args.resume]
@@ -104,25 +104,7 @@ def launch_local(args: argparse.Namespace, out: Path) -> int:
     try:
         return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
     finally:
-        kill_orphans()
-
-
-def become_subreaper() -> None:
-    """Adopt what our ranks leave behind (a SIGKILLed rank's DALI workers survive it) so we can end it."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # 36 = PR_SET_CHILD_SUBREAPER (Linux)
-
-
-def kill_orphans() -> None:
-    """SIGKILL and reap every process still parented to this launcher once the ranks have exited."""
-    children: set[int] = set()
-    for task in Path("/proc/self/task").glob("*"):
-        with contextlib.suppress(OSError):
-            children.update(int(pid) for pid in (task / "children").read_text().split())
-    for pid in sorted(children):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        kill_children()  # whatever a killed rank left behind (its DALI workers) was adopted by us
 
 
 # ---------------------------------------------------------------------------------------- bench-train
@@ -150,26 +132,31 @@ def bench_train(cfg: Config, batches: int, warmup: int = 3) -> dict[str, Any]:
     """
     import torch
 
+    from training import dist as distmod
     from training import engine
     from training.dist import DistInfo
+    from training.optim import LRSchedule, build_optimizer
+    from training.placement import place_run
 
-    dist = DistInfo()
-    engine.configure_process(cfg, dist)
+    place = place_run(cfg, DistInfo())
+    engine.configure_process(place)
     data = engine.load_data(cfg)
-    loader, val = engine.build_loaders(cfg, dist, engine.Data(data.train, None, data.exclude))
+    loader, _ = engine.build_loaders(cfg, place, engine.Data(data.train, None, data.exclude))
     try:
-        device = torch.device("cuda", 0) if cfg.data.device == "gpu" else torch.device("cpu")
-        precision = engine.resolve_precision(cfg.train.precision, cfg.data.device)
+        distmod.init_distributed(place, cfg.train.dist_timeout_s)  # selects the GPU; one process: no group
+        device, precision = place.torch_device, place.precision
         model = engine.build_model(cfg, device)
-        optimizer, _ = engine.build_optimizer(model, cfg.optim, cfg.data.device)
+        optimizer, _ = build_optimizer(model, cfg.optim, place.device)
         for group in optimizer.param_groups:
-            group["lr"] = engine.LRSchedule(cfg.optim, cfg.train.batch_size, 1, 1).peak
+            group["lr"] = LRSchedule(cfg.optim, cfg.train.batch_size, 1, 1).peak
         scaler = precision.grad_scaler()
         if cfg.train.compile:
             model = torch.compile(model)
         model.train()
         step = lambda x, y: engine.train_step(model, x, y, optimizer, scaler, precision, cfg.optim.label_smoothing)  # noqa: E731
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
         epoch = 0
         loader.set_epoch(epoch)
@@ -199,13 +186,16 @@ def bench_train(cfg: Config, batches: int, warmup: int = 3) -> dict[str, Any]:
             step(*fixed)
         sync()
         synthetic = (time.perf_counter() - start) / batches
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     finally:
         loader.close()
     b = cfg.train.batch_size
-    return {"arch": cfg.model.arch, "device": cfg.data.device, "precision": precision.name, "batch_size": b,
-            "batches": batches, "crop_size": cfg.data.crop_size, "real_step_s": real, "synthetic_step_s": synthetic,
-            "real_images_per_s": b / real, "synthetic_images_per_s": b / synthetic,
-            "data_stall_fraction": max(0.0, 1.0 - synthetic / real), "data_wait_fraction": wait / (real * batches)}
+    return {"arch": cfg.model.arch, "device": place.device, "precision": precision.name, "batch_size": b,
+            "channels_last": bool(cfg.model.channels_last and place.device == "gpu"), "layout": cfg.data.layout,
+            "compile": cfg.train.compile, "batches": batches, "crop_size": cfg.data.crop_size, "real_step_s": real,
+            "synthetic_step_s": synthetic, "real_images_per_s": b / real, "synthetic_images_per_s": b / synthetic,
+            "data_stall_fraction": max(0.0, 1.0 - synthetic / real), "data_wait_fraction": wait / (real * batches),
+            "max_memory_gib": peak, "placement": place.describe()}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import logging
+
 import yaml
+
+log = logging.getLogger("senet.config")
+# Keys that moved: old "section.key" -> new "section.key" (the old name is still read, with a warning).
+MOVED = {"data.device": "train.device"}
 
 
 class ConfigError(ValueError):
@@ -43,7 +49,6 @@ class DataConfig:
     root: str = _key("", "ILSVRC2012 root (train/, val/, test/, ILSVRC2012_devkit_t12/) or a folder of class folders")
     file_list: str | None = _key(None, "optional list of `relative/path label` lines, relative to `root`")
     devkit: str | None = _key(None, "devkit folder; default ROOT/ILSVRC2012_devkit_t12")
-    device: Literal["cpu", "gpu"] = _key("gpu", "where DALI decodes and augments: 'gpu' (mixed/gpu ops) or 'cpu'")
     sampling: Literal["class_aware", "shuffle"] = _key("class_aware", "Relay-BP class-balanced order, or a plain shuffle")
     samples_per_epoch: int | None = _key(None, "samples per epoch over all ranks; null = the training set's size", min=1)
     crop_size: int = _key(224, "training crop side in pixels (320 for the ILSVRC 2017 entry)", min=16, max=1024)
@@ -63,6 +68,8 @@ class DataConfig:
     threads: int | None = _key(None, "DALI CPU threads per rank; null = the task's CPU share minus Python workers", min=1)
     py_workers: int = _key(2, "Python worker processes reading files for DALI's external_source", min=0, max=64)
     prefetch: int = _key(2, "batches DALI prepares ahead", min=1, max=16)
+    hw_decoder_load: float = _key(0.65, "share of JPEGs for the GPU's hardware JPEG decoder (A100/H100/H200; ignored "
+                                  "elsewhere); the rest is decoded by nvJPEG's hybrid CPU+GPU path", min=0.0, max=1.0)
     cache_dir: str = _key("~/.cache/senet", "where the file index and the exclusion list of each data tree are kept")
     exclude_file: str | None = _key(None, "extra exclusion list (one relative path per line) to honour")
 
@@ -85,6 +92,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    device: Literal["gpu", "cpu"] = _key("gpu", "where a rank runs: 'gpu' (one GPU per rank, NCCL, DALI's mixed/GPU ops) "
+                                         "or 'cpu' (gloo, CPU-only DALI); was data.device, still read with a warning")
     epochs: int = _key(100, "training epochs", min=1)
     batch_size: int = _key(32, "images per process (per GPU) and step", min=1)
     checkpoint_every: int = _key(1000, "write checkpoints/last.pt every this many steps (and at each epoch end)", min=1)
@@ -153,10 +162,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}, got {type(raw).__name__}")
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    raw = _migrate({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}, where)
     cfg = config_from_dict(raw, where)
     for item in overrides:  # each override validated on its own, so an error names it
         section, key, value = _parse_override(item)
+        if f"{section}.{key}" in MOVED:  # an old name given on the command line wins like any override
+            new = MOVED[f"{section}.{key}"]
+            log.warning("--set %s.%s: the key is %s now; read as --set %s=%s", section, key, new, new, value)
+            section, key = new.split(".")
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{where}: section '{section}' must be a mapping")
         raw.setdefault(section, {})[key] = value
@@ -165,7 +178,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
-    """Validate a nested dict (as read from YAML or a checkpoint) into a Config."""
+    """Validate a nested dict (as read from YAML or a checkpoint) into a Config (moved keys are read too)."""
+    raw = _migrate(raw, where)
     sections = {}
     for name, values in raw.items():
         if name not in SECTIONS:
@@ -178,6 +192,32 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     cfg = Config(**sections)
     _check_relations(cfg, where)
     return cfg
+
+
+def _migrate(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """`raw` with the keys of `MOVED` under their new names (a copy; a warning for each).
+
+    Raises:
+        ConfigError: both the old and the new name are given, with different values.
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in MOVED.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = out.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        if out.get(new_section) is None:
+            out[new_section] = {}
+        target = out[new_section]
+        if not isinstance(target, dict):
+            continue  # config_from_dict names the malformed section
+        if new_key in target and target[new_key] != value:
+            raise ConfigError(f"{where}: {old} = {value!r} (deprecated) contradicts {new} = {target[new_key]!r}; "
+                              f"keep only {new}")
+        target.setdefault(new_key, value)
+        log.warning("%s: %s is deprecated, it is %s now (read as %s = %r)", where, old, new, new, value)
+    return out
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

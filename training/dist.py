@@ -1,6 +1,6 @@
 """Distributed facts in one frozen object, and torch.distributed set up and torn down around a run.
 
-`DistInfo` is read once from the environment that launched this process: torchrun and `senet train
+`DistInfo` (the rank facts of `training.placement.Placement`) is read once from the environment that launched this process: torchrun and `senet train
 --nproc` (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or a Slurm task
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; submitit's `TorchDistributedEnvironment().export()` sets
 the torchrun names too). Nothing here knows about Slurm beyond those variable names.
@@ -16,8 +16,13 @@ import os
 import socket
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as tdist
+
+if TYPE_CHECKING:
+    from training.placement import Placement
 
 
 @dataclass(frozen=True)
@@ -84,36 +89,66 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpus_per_rank(dist: DistInfo) -> int:
-    """This rank's CPU share: the Slurm task's cores, else the cores we may run on split over local ranks."""
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit():
-        return max(1, int(slurm))
-    return max(1, len(os.sched_getaffinity(0)) // dist.local_world_size)
+def init_distributed(p: Placement, timeout_s: float) -> bool:
+    """Select this rank's GPU, then join the process group (`env://` rendezvous) unless this is a single process.
 
-
-def init_distributed(dist: DistInfo, backend: str, timeout_s: float) -> bool:
-    """Join the process group (`env://` rendezvous) unless this is a single process.
+    Call it after the loaders have started their workers: selecting the GPU initialises the CUDA
+    driver. NCCL's communicators are created at the first collective on the GPU (DDP's first
+    broadcast), so `check_distinct_gpus` can refuse a shared GPU before NCCL ever sees it.
 
     Args:
-        dist: this process's place in the job.
-        backend: "gloo" (CPU) or "nccl" (GPU).
+        p: this process's placement (rank facts, device, backend).
         timeout_s: how long any collective may wait for another rank before it raises.
 
     Returns:
         True when this call created the process group (the caller then tears it down).
     """
+    if p.device == "gpu":
+        torch.cuda.set_device(p.gpu_index)
+    dist = p.dist
     if not dist.distributed or tdist.is_initialized():
         return False
     os.environ.setdefault("MASTER_ADDR", dist.master_addr)
     os.environ.setdefault("MASTER_PORT", str(dist.master_port))
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out NCCL collective aborts the process
-    kwargs = {}
-    if backend == "nccl":
-        kwargs["device_id"] = torch.device("cuda", dist.local_rank)  # eager NCCL init on the right device
-    tdist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size,
-                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    tdist.init_process_group(p.backend, rank=dist.rank, world_size=dist.world_size,
+                             timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def check_distinct_gpus(p: Placement, group: tdist.ProcessGroup | None) -> None:
+    """Every rank on its own physical GPU (compared by UUID on the host group), or one clear error on every rank.
+
+    Raises:
+        PlacementError: naming the ranks that share a GPU and the fix.
+    """
+    if p.device != "gpu" or not tdist.is_initialized():
+        return
+    from training.placement import PlacementError
+
+    mine = (p.dist.rank, socket.gethostname(), str(torch.cuda.get_device_properties(p.gpu_index).uuid), p.gpu_index)
+    everyone: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(everyone, mine, group=group)
+    problem = shared_gpu(everyone)
+    if problem:
+        raise PlacementError(problem)
+
+
+def shared_gpu(ranks: list[tuple[int, str, str, int]]) -> str | None:
+    """The first GPU used by two ranks, as an error message; None when every rank has its own.
+
+    Args:
+        ranks: (rank, host, GPU UUID, CUDA ordinal) of every rank.
+    """
+    owner: dict[str, tuple[int, str, str, int]] = {}
+    for rank, host, uuid, index in ranks:
+        if uuid in owner:
+            first = owner[uuid]
+            return (f"ranks {first[0]} and {rank} on {host} both use GPU {uuid} (cuda:{first[3]} and cuda:{index}): "
+                    f"one GPU per rank; start at most as many local ranks as GPUs (--nproc, --ntasks-per-node, "
+                    f"slurm.gpus_per_node), each task seeing its own GPU or all of them")
+        owner[uuid] = (rank, host, uuid, index)
+    return None
 
 
 def control_group(backend: str) -> tdist.ProcessGroup | None:

@@ -3,7 +3,7 @@
 One process per device. The same `run` serves `senet train` (one process or `--nproc N` local ones),
 torchrun, and a Slurm task (slurm/ wraps it; nothing here knows about Slurm):
 
-    summary = run(cfg, DistInfo.from_env(), Path("runs/x"), resume="auto", control=RunControl())
+    summary = run(cfg, place_run(cfg), Path("runs/x"), resume="auto", control=RunControl())
 
 Exact resume (issue 5): the initial weights come from `train.seed`; the loader's order and every
 augmentation draw are functions of (seed, epoch, global position); any other randomness in a step
@@ -18,7 +18,6 @@ steps, on a CPU group so a GPU stream is never synchronised for it).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,12 @@ from torch import nn
 
 from training import dist as distmod
 from training.checkpoint import BEST, FORMAT_VERSION, LAST, CheckpointError, atomic_copy, atomic_save, load_checkpoint, \
-    resume_path, unwrap
+    resume_path
 from training.config import Config, ConfigError, config_to_dict, dump_yaml
-from training.dist import DistInfo
+from training.placement import Placement, check_node, input_shm_bytes, mean_file_bytes
 from training.metrics import MetricsLog, plot_curves, read_metrics
 from training.optim import LRSchedule, build_optimizer
-from training.precision import Precision, resolve_precision
+from training.precision import Precision
 
 log = logging.getLogger("senet.train")
 
@@ -86,7 +85,7 @@ class Run:
     """Everything a step needs, built once by `run` (not an `args` bag: fixed fields, typed)."""
 
     cfg: Config
-    dist: DistInfo
+    place: Placement
     out: Path
     device: torch.device
     precision: Precision
@@ -104,13 +103,13 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run(cfg: Config, dist: DistInfo, out_dir: Path, resume: str | None = "auto",
+def run(cfg: Config, place: Placement, out_dir: Path, resume: str | None = "auto",
         control: RunControl | None = None) -> dict[str, Any]:
-    """Train `cfg` in this process as rank `dist.rank` of `dist.world_size`; returns a summary.
+    """Train `cfg` in this process as rank `place.dist.rank` of `place.dist.world_size`; returns a summary.
 
     Args:
         cfg: the resolved configuration.
-        dist: this process's place in the job (`DistInfo.from_env()`).
+        place: where this process runs (`training.placement.place_run(cfg)`).
         out_dir: the run folder (checkpoints/, metrics.jsonl, curves.png, config.yaml).
         resume: "auto" (last.pt when present), a checkpoint path, or None (start fresh).
         control: checkpoint/stop requests from outside the loop; None = never asked.
@@ -120,21 +119,27 @@ def run(cfg: Config, dist: DistInfo, out_dir: Path, resume: str | None = "auto",
         last validation, best_top1 and the checkpoint path.
 
     Raises:
-        ConfigError: inconsistent configuration (e.g. model.num_classes vs the data's classes).
+        ConfigError: inconsistent configuration (e.g. model.num_classes vs the data's classes);
+            PlacementError (a ConfigError): the node cannot host this rank as configured.
         DataError: unreadable data; CheckpointError: unusable checkpoint; NonFiniteLoss.
     """
     out_dir, control = Path(out_dir), control or RunControl()
     preflight(cfg)
-    configure_process(cfg, dist)
+    configure_process(place)
+    if place.is_main:
+        log.info("placement: %s", place.describe())
     data = load_data(cfg)
-    train_loader, val_loader = build_loaders(cfg, dist, data)  # before CUDA/NCCL: DALI forks Python workers
-    owns_group = distmod.init_distributed(dist, "nccl" if cfg.data.device == "gpu" else "gloo", cfg.train.dist_timeout_s)
+    check_input_resources(cfg, place, data)
+    train_loader, val_loader = build_loaders(cfg, place, data)  # before CUDA/NCCL: DALI forks Python workers
+    owns_group = distmod.init_distributed(place, cfg.train.dist_timeout_s)
     try:
-        r = build_run(cfg, dist, out_dir, data, train_loader, val_loader, control)
+        group = distmod.control_group(place.backend)
+        distmod.check_distinct_gpus(place, group)
+        r = build_run(cfg, place, out_dir, data, train_loader, val_loader, control, group)
         state = restore(r, resume_path(resume, out_dir / "checkpoints"))
         write_run_files(r)
         summary = train(r, state)
-        if dist.is_main:
+        if place.is_main:
             plot_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "curves.png")
         return summary
     finally:
@@ -165,7 +170,7 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
             state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group,
                                       r.cfg.data.layout)
             r.log.write({"step": state.step, "epoch": epoch, **state.last_val})
-            if r.dist.is_main:
+            if r.place.dist.is_main:
                 log.info("epoch %d: val top-1 %.4f, top-5 %.4f (%d images)", epoch + 1, state.last_val["val_top1"],
                          state.last_val["val_top5"], state.last_val["val_images"])
         state.epoch = epoch + 1
@@ -173,7 +178,7 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         if improved:
             state.best_top1 = state.last_val["val_top1"]
         path = save_checkpoint(r, state)
-        if improved and r.dist.is_main:
+        if improved and r.place.dist.is_main:
             atomic_copy(path, path.with_name(BEST))
         distmod.barrier(r.group)
     return {"step": state.step, "epoch": state.epoch, "stopped": stopped, **state.last_val,
@@ -186,7 +191,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
     cfg = r.cfg.train
     steps_per_epoch = r.schedule.steps_per_epoch
     epoch_end = (state.epoch + 1) * steps_per_epoch
-    meter = StepMeter(r.device, images_per_step=cfg.batch_size * r.dist.world_size)
+    meter = StepMeter(r.device, images_per_step=cfg.batch_size * r.place.dist.world_size)
     r.train_model.train()
     batches = iter(r.train_loader)
     while True:
@@ -197,7 +202,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
             break
         images, labels = prepare_batch(*batch, r.precision, r.cfg.data.layout)
         lr = r.schedule.apply(r.optimizer)
-        torch.manual_seed(step_seed(cfg.seed, state.step, r.dist.rank))  # dropout etc.: derivable on resume
+        seed_step(step_seed(cfg.seed, state.step, r.place.dist.rank), r.device)  # dropout etc.: derivable on resume
         loss = train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)
         r.schedule.step()
         state.step += 1
@@ -205,7 +210,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
         if state.step % cfg.log_every == 0:
             row = meter.flush(state.step, r.group)
             r.log.write({"step": state.step, "epoch": state.epoch, **row, "lr": lr})
-            if r.dist.is_main:
+            if r.place.dist.is_main:
                 log.info("epoch %d step %d/%d: loss %.4f lr %.4g %.0f img/s data wait %.0f%%", state.epoch + 1,
                          state.step - state.epoch * steps_per_epoch, steps_per_epoch, row["loss"], lr,
                          row["images_per_s"], 100 * row["data_wait_fraction"])
@@ -221,7 +226,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
                 r.control.checkpoint_requested = False
                 r.control.on_checkpoint_saved(path, state.step)
                 if stop:
-                    if r.dist.is_main:
+                    if r.place.dist.is_main:
                         log.info("stopping after the requested checkpoint at step %d", state.step)
                     return True
             state.mid_epoch = False
@@ -252,14 +257,17 @@ def evaluate(model: nn.Module, loader: Any, precision: Precision, num_classes: i
     was_training = model.training
     model.eval()
     k = min(5, num_classes)
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-k hits, images
+    hits = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-k; summed on the device, no sync per batch
+    images_seen = 0  # known on the host: no tensor for it
     for images, labels, _positions in loader:
         images, labels = prepare_batch(images, labels, precision, layout)
         with precision.autocast():
             logits = model(images)
-        hits = logits.topk(k, dim=1).indices == labels[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), counts.new_tensor(labels.numel())])
-    counts = counts.cpu()
+        correct = logits.topk(k, dim=1).indices == labels[:, None]
+        hits[0] += correct[:, 0].sum()
+        hits[1] += correct.any(dim=1).sum()
+        images_seen += labels.numel()
+    counts = torch.cat([hits.cpu(), torch.tensor([images_seen])])
     distmod.all_reduce(counts, "sum", group)  # on the CPU group: a gloo group takes CPU tensors
     model.train(was_training)
     total = max(1, int(counts[2]))
@@ -339,6 +347,13 @@ def prepare_batch(images: torch.Tensor, labels: torch.Tensor, precision: Precisi
     return images, labels.reshape(-1).to(images.device, torch.int64, non_blocking=True)  # labels come on the host
 
 
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and this rank's GPU generator only (not every visible GPU's, per step)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the current device: set by init_distributed
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A torch seed that is a pure function of (seed, step, rank), for randomness inside the model."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
@@ -365,14 +380,14 @@ def preflight(cfg: Config) -> None:
         if classes and classes != cfg.model.num_classes:
             raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but {folder} has {classes} class folders; "
                               f"set model.num_classes={classes}")
-    if cfg.train.precision == "fp16" and cfg.data.device == "cpu":
+    if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
         log.warning("fp16 autocast on the CPU is slow and rarely useful; bf16 or fp32 are the usual CPU choices")
 
 
-def configure_process(cfg: Config, dist: DistInfo) -> None:
-    """Threads, device and determinism settings of this rank."""
-    torch.set_num_threads(distmod.cpus_per_rank(dist))
-    if cfg.data.device == "gpu":
+def configure_process(place: Placement) -> None:
+    """Threads and determinism settings of this rank (nothing here touches CUDA)."""
+    torch.set_num_threads(place.torch_threads)
+    if place.device == "gpu":
         torch.backends.cudnn.benchmark = True  # fastest kernels; GPU runs are not promised bit-exact
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)  # the CPU resume test compares bits
@@ -412,21 +427,29 @@ def load_data(cfg: Config) -> Data:
     return Data(train, val, exclude)
 
 
-def build_loaders(cfg: Config, dist: DistInfo, data: Data) -> tuple[Any, Any | None]:
+def check_input_resources(cfg: Config, place: Placement, data: Data) -> None:
+    """Shared memory and locked memory for this node's input pipelines (`training.placement.check_node`)."""
+    from pipeline.dali import decoder_options, pinned_decoder_bytes
+
+    sample = mean_file_bytes(data.train.root, data.train.files)
+    pipelines = 1 + (data.val is not None)
+    shm = input_shm_bytes(place, cfg.train.batch_size, sample, cfg.data.prefetch, pipelines)
+    decoder = decoder_options(place.device, place.dali_threads, cfg.data.hw_decoder_load)
+    check_node(place, shm_needed=shm, pinned_needed=pipelines * pinned_decoder_bytes(decoder, place.dali_threads))
+
+
+def build_loaders(cfg: Config, place: Placement, data: Data) -> tuple[Any, Any | None]:
     """The DALI train and val loaders of this rank (sharded by the global rank)."""
     from pipeline.augment import AugmentSpec
     from pipeline.loader import EvalLoader, TrainLoader
 
     d = cfg.data
-    threads = d.threads or max(1, distmod.cpus_per_rank(dist) - d.py_workers)
-    common = dict(rank=dist.rank, world_size=dist.world_size, local_rank=dist.local_rank, device=d.device,
-                  dtype=d.dtype, layout=d.layout, threads=threads, py_workers=d.py_workers, exclude=data.exclude)
-    aug = AugmentSpec(min_area=d.min_area, max_area=d.max_area, min_aspect=d.min_aspect, max_aspect=d.max_aspect,
-                      flip=d.flip, rotation=d.rotation, brightness=d.brightness, contrast=d.contrast,
-                      saturation=d.saturation, hue=d.hue)
+    common = dict(rank=place.dist.rank, world_size=place.dist.world_size, device=place.device,
+                  device_id=place.gpu_index, dtype=d.dtype, layout=d.layout, threads=place.dali_threads,
+                  py_workers=place.py_workers, hw_decoder_load=d.hw_decoder_load, exclude=data.exclude)
     train = TrainLoader(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed, sampling=d.sampling,
-                        samples_per_epoch=d.samples_per_epoch, aug=aug, crop_size=d.crop_size, prefetch=d.prefetch,
-                        **common)
+                        samples_per_epoch=d.samples_per_epoch, aug=AugmentSpec.from_config(d), crop_size=d.crop_size,
+                        prefetch=d.prefetch, **common)
     val = None
     if data.val is not None:
         val = EvalLoader(data.val, batch_size=cfg.train.batch_size, crop_size=d.crop_size, crop_ratio=d.eval_crop_ratio,
@@ -440,7 +463,7 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
 
     m = cfg.model
     wanted = {"dropout": m.dropout, "zero_init_last_bn": m.zero_init_last_bn, "stride_in_1x1": m.stride_in_1x1,
-              "channels_last": m.channels_last and cfg.data.device == "gpu"}  # channels_last only pays on GPU
+              "channels_last": m.channels_last and cfg.train.device == "gpu"}  # channels_last only pays on GPU
     accepted = set(model_options(m.arch))
     for key in ("dropout", "stride_in_1x1"):
         if wanted[key] is not None and key not in accepted:
@@ -453,15 +476,15 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     return model
 
 
-def build_run(cfg: Config, dist: DistInfo, out: Path, data: Data, train_loader: Any, val_loader: Any | None,
-              control: RunControl) -> Run:
-    """Model, DDP wrapper, optimizer, schedule, scaler and metrics log of this rank."""
-    device = torch.device("cuda", dist.local_rank) if cfg.data.device == "gpu" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    precision = resolve_precision(cfg.train.precision, cfg.data.device)
+def build_run(cfg: Config, place: Placement, out: Path, data: Data, train_loader: Any, val_loader: Any | None,
+              control: RunControl, group: Any = None) -> Run:
+    """Model, DDP wrapper, optimizer, schedule, scaler and metrics log of this rank.
+
+    `group` is the host control group for agreements (`training.dist.control_group`; None = the world).
+    """
+    dist, device, precision = place.dist, place.torch_device, place.precision
     model = build_model(cfg, device)
-    optimizer, kind = build_optimizer(model, cfg.optim, cfg.data.device)
+    optimizer, kind = build_optimizer(model, cfg.optim, place.device)
     train_model: nn.Module = model
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -480,15 +503,15 @@ def build_run(cfg: Config, dist: DistInfo, out: Path, data: Data, train_loader: 
         log.info("%s on %s x %d (%s, %s), global batch %d, peak lr %.4g, %d steps/epoch, %d epochs, optimizer %s",
                  cfg.model.arch, device.type, dist.world_size, precision.name, "DDP" if dist.distributed else "1 process",
                  global_batch, schedule.peak, steps_per_epoch, cfg.train.epochs, kind)
-    return Run(cfg=cfg, dist=dist, out=out, device=device, precision=precision, model=model, train_model=train_model,
+    return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
                optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
                val_loader=val_loader, classes=tuple(data.train.classes), log=MetricsLog(out / "metrics.jsonl", dist.is_main),
-               control=control, group=distmod.control_group("nccl" if device.type == "cuda" else "gloo"))
+               control=control, group=group)
 
 
 def write_run_files(r: Run) -> None:
     """The resolved config next to the checkpoints (rank 0)."""
-    if r.dist.is_main:
+    if r.place.dist.is_main:
         r.out.mkdir(parents=True, exist_ok=True)
         (r.out / "config.yaml").write_text(dump_yaml(r.cfg))
 
@@ -509,7 +532,7 @@ def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
         "classes": list(r.classes),  # index -> WNID
         "arch": r.cfg.model.arch,
         "num_classes": r.cfg.model.num_classes,
-        "world_size": r.dist.world_size,
+        "world_size": r.place.dist.world_size,
         "best_top1": state.best_top1,
         "last_val": dict(state.last_val),
         "config": config_to_dict(r.cfg),
@@ -517,17 +540,23 @@ def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
 
 
 def save_checkpoint(r: Run, state: TrainState) -> Path:
-    """last.pt, written by rank 0 (every rank calls this at the same step boundary)."""
+    """last.pt, written by rank 0 (every rank calls this at the same step boundary).
+
+    The write time (fsync included) goes to metrics.jsonl as a `checkpoint` event: a Slurm job's
+    signal delay and GraceTime must cover it.
+    """
     path = r.out / "checkpoints" / LAST
-    if r.dist.is_main:
+    if r.place.dist.is_main:
+        start = time.perf_counter()
         atomic_save(checkpoint_state(r, state), path)
+        r.log.write({"event": "checkpoint", "step": state.step, "write_s": round(time.perf_counter() - start, 4)})
     return path
 
 
 def restore(r: Run, path: Path | None) -> TrainState:
     """Load `path` into the run's objects (or start fresh); trims metrics.jsonl to the checkpoint's step."""
     if path is None:
-        if r.dist.is_main and r.log.path.is_file():
+        if r.place.dist.is_main and r.log.path.is_file():
             r.log.truncate_after(0)  # a fresh run in a used folder: start the log afresh too
         return TrainState()
     ckpt = load_checkpoint(path)
@@ -543,7 +572,7 @@ def restore(r: Run, path: Path | None) -> TrainState:
                        best_top1=float(ckpt.get("best_top1", -1.0)), last_val=dict(ckpt.get("last_val", {})))
     if state.mid_epoch:
         r.train_loader.load_state_dict(ckpt["loader"])
-    if r.dist.is_main:
+    if r.place.dist.is_main:
         r.log.truncate_after(state.step)
         r.log.write({"event": "resume", "step": state.step})
         log.info("resumed from step %d (epoch %d, %s)", state.step, state.epoch + 1, path)

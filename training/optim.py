@@ -77,10 +77,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: str) -> tuple[to
     fused_sgd, why = real_apex_fused_sgd()
     choice = cfg.fused
     if choice == "apex" and (fused_sgd is None or device != "gpu"):
-        reason = why if fused_sgd is None else "FusedSGD runs on CUDA only and data.device is 'cpu'"
+        reason = why if fused_sgd is None else "FusedSGD runs on CUDA only and train.device is 'cpu'"
         raise ConfigError(f"optim.fused = 'apex' but {reason}; use optim.fused=auto, torch or none")
     if choice == "torch" and device != "gpu":
-        raise ConfigError("optim.fused = 'torch' needs data.device = 'gpu' (torch's fused SGD is CUDA-only here); "
+        raise ConfigError("optim.fused = 'torch' needs train.device = 'gpu' (torch's fused SGD is CUDA-only here); "
                           "use optim.fused=auto or none")
     if choice == "auto":
         choice = "apex" if (fused_sgd is not None and device == "gpu") else ("torch" if device == "gpu" else "none")

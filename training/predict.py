@@ -4,12 +4,19 @@ Each process scores a contiguous shard of the files (the eval graph: short side 
 crop, or ten crops averaged) and writes its rows to a part file; rank 0 merges the parts after a
 barrier, so every image is scored exactly once and lands in its own row whatever the world size.
 Scores are softmax probabilities with devkit-ordered columns (column j = ILSVRC2012_ID j + 1).
+
+Everything that shapes the numbers comes from the checkpoint's own config, as the training engine's
+evaluation used it: the model's options, the crop size and ratio, the batch dtype and layout, the
+autocast precision (resolved for the device predict runs on) and the decoder settings. So predict on
+a checkpoint scores exactly what the engine measured on the same device.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +24,14 @@ import torch
 from pipeline.datasets import ImageIndex, list_images
 from pipeline.devkit import Devkit
 from pipeline.errors import DataError
+from training import dist as distmod
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import ConfigError, config_from_dict
-from training.dist import DistInfo
+from training.config import Config, ConfigError, config_from_dict
+from training.placement import CONTROL_BACKEND, Placement
+from training.precision import resolve_precision
 
 log = logging.getLogger("senet.predict")
+PARTS_TIMEOUT_S = 1800  # ranks wait this long for the slowest one to write its part
 
 
 @dataclass(frozen=True)
@@ -33,8 +43,23 @@ class Scores:
     excluded: tuple[str, ...]
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def checkpoint_config(state: dict, checkpoint: str | Path) -> Config:
+    """The resolved config a checkpoint was trained with.
+
+    Raises:
+        CheckpointError: the saved config does not validate.
+    """
+    try:
+        return config_from_dict(state["config"], f"{checkpoint} (saved config)")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict, Config]:
     """The checkpoint's model in eval mode, rebuilt from the checkpoint's own resolved config.
+
+    Returns:
+        The model on `device`, the checkpoint dict and its config.
 
     Raises:
         CheckpointError: unreadable, or its weights do not fit the architecture it names.
@@ -42,18 +67,15 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.M
     from training.engine import build_model
 
     state = load_checkpoint(checkpoint)
-    try:
-        cfg = config_from_dict(state["config"], f"{checkpoint} (saved config)")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    model = build_model(cfg, device)
+    cfg = checkpoint_config(state, checkpoint)
+    model = build_model(replace(cfg, train=replace(cfg.train, device="gpu" if device.type == "cuda" else "cpu")), device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise CheckpointError(f"{checkpoint}: weights do not fit {state['arch']} with {state['num_classes']} classes "
                               f"({first})") from None
-    return model.eval(), state
+    return model.eval(), state, cfg
 
 
 def devkit_columns(classes: list[str], devkit: Devkit, checkpoint: str | Path) -> np.ndarray:
@@ -74,25 +96,21 @@ def image_index(folder: str | Path) -> ImageIndex:
     return ImageIndex(Path(folder), tuple(names), np.full(len(names), -1, dtype=np.int64), ())
 
 
-def score_shard(model: torch.nn.Module, state: dict, images: ImageIndex, columns: np.ndarray, num_columns: int,
-                dist: DistInfo, device: str, ten_crop: bool, batch_size: int,
-                exclude: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows: (positions into images.files, devkit-ordered probabilities)."""
-    from pipeline.loader import EvalLoader
+def score_shard(model: torch.nn.Module, loader: Any, cfg: Config, place: Placement, columns: np.ndarray,
+                num_columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows: (positions into the images, devkit-ordered probabilities), as the engine evaluates."""
+    from training.engine import prepare_batch
 
-    cfg = config_from_dict(state["config"])
-    torch_device = next(model.parameters()).device
-    loader = EvalLoader(images, batch_size=batch_size, rank=dist.rank, world_size=dist.world_size,
-                        local_rank=dist.local_rank, device=device, crop_size=cfg.data.crop_size,
-                        crop_ratio=cfg.data.eval_crop_ratio, ten_crop=ten_crop, dtype="float32", layout="NCHW",
-                        threads=None, py_workers=0, exclude=exclude)
+    precision = resolve_precision(cfg.train.precision, place.device)
     positions, rows = [], []
-    with loader, torch.no_grad():
+    with torch.no_grad():
         for batch, _labels, pos in loader:
-            batch = batch.to(torch_device)
-            crops = batch.shape[1] if ten_crop else 1
+            crops = batch.shape[1] if batch.dim() == 5 else 1
             flat = batch.reshape(-1, *batch.shape[-3:])
-            probs = model(flat).float().softmax(dim=1).reshape(batch.shape[0], crops, -1).mean(dim=1)
+            images, _ = prepare_batch(flat, _labels, precision, cfg.data.layout)
+            with precision.autocast():
+                logits = model(images)
+            probs = logits.float().softmax(dim=1).reshape(batch.shape[0], crops, -1).mean(dim=1)
             full = np.zeros((probs.shape[0], num_columns), dtype=np.float32)
             full[:, columns] = probs.cpu().numpy()
             positions.append(pos.numpy())
@@ -100,6 +118,54 @@ def score_shard(model: torch.nn.Module, state: dict, images: ImageIndex, columns
     if not rows:
         return np.zeros(0, dtype=np.int64), np.zeros((0, num_columns), dtype=np.float32)
     return np.concatenate(positions), np.concatenate(rows)
+
+
+def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: Placement, *, ten_crop: bool,
+            batch_size: int, exclude: frozenset[str], parts: Path) -> Scores | None:
+    """Score `images` with the checkpoint over every rank of `place`; the merged scores on rank 0, else None.
+
+    Args:
+        checkpoint: a checkpoint written by the training engine.
+        images: the files to score (`image_index`), unlabelled.
+        devkit: maps the checkpoint's classes (WNIDs) to ILSVRC2012_IDs.
+        place: this process's placement (rank facts, device, threads).
+        ten_crop: average the four corners, the centre and their mirrors.
+        batch_size: images per batch and rank.
+        exclude: file names on the exclusion list (they get the class prior, not a prediction).
+        parts: a folder every rank can write its part file to (removed after the merge).
+
+    Raises:
+        CheckpointError: unusable checkpoint or classes outside the devkit; DataError: a sharding fault.
+    """
+    from pipeline.loader import EvalLoader
+
+    state = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(state, checkpoint)
+    columns = devkit_columns(state["classes"], devkit, checkpoint)
+    d = cfg.data
+    torch.set_num_threads(place.torch_threads)  # as the engine's evaluation: same kernels, same sums
+    # The loader first: its workers (if any) start before anything touches CUDA.
+    loader = EvalLoader(images, batch_size=batch_size, rank=place.dist.rank, world_size=place.dist.world_size,
+                        device=place.device, device_id=place.gpu_index, crop_size=d.crop_size,
+                        crop_ratio=d.eval_crop_ratio, ten_crop=ten_crop, dtype=d.dtype, layout=d.layout,
+                        threads=place.dali_threads, py_workers=0, hw_decoder_load=d.hw_decoder_load, exclude=exclude)
+    # Ranks only meet at a barrier here: a host (gloo) group whatever the device.
+    owns_group = distmod.init_distributed(replace(place, backend=CONTROL_BACKEND), PARTS_TIMEOUT_S)
+    try:
+        with loader:
+            model, _, _ = load_model(checkpoint, place.torch_device)
+            positions, probs = score_shard(model, loader, cfg, place, columns, devkit.num_classes)
+        parts.mkdir(parents=True, exist_ok=True)
+        np.savez(parts / f"rank{place.dist.rank:05d}.npz", positions=positions, probs=probs)
+        distmod.barrier()
+        if not place.is_main:
+            return None
+        scores = merge_parts(sorted(parts.glob("rank*.npz")), images, devkit.num_classes, exclude)
+    finally:
+        if owns_group:
+            distmod.teardown_distributed()
+    shutil.rmtree(parts, ignore_errors=True)
+    return scores
 
 
 def merge_parts(parts: list[Path], images: ImageIndex, num_columns: int, exclude: frozenset[str]) -> Scores:

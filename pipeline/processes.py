@@ -1,0 +1,150 @@
+"""Process hygiene for everything that starts processes: how they start, which signals they heed, how
+they end, and that none outlives its parent (Linux).
+
+- Start method: DALI forks its Python workers, which is unsafe once this process has initialised the
+  CUDA driver, and DALI then refuses to fork (its `_multiproc` pool asks the driver itself). Note that
+  `torch.cuda.is_available()` initialises the driver while `torch.cuda.is_initialized()` stays False,
+  so only DALI's own check (`nvidia.dali.backend.IsDriverInitialized()`) tells the truth: `start_method`
+  asks it, and spawns when the driver is up.
+- Signals: inside a Slurm job every task receives SIGTERM before a requeue or a time limit, and the
+  job must keep running until its checkpoint; workers started inside `worker_signal_policy` ignore it.
+- Ends: a worker arms PR_SET_PDEATHSIG (`die_with_parent`), so it dies with the process that owns it;
+  `DaliProcesses.close` kills stragglers after a grace period; a launcher that starts ranks becomes a
+  child subreaper (`become_subreaper`) and ends whatever a killed rank left behind (`kill_children`).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+WORKER_EXIT_GRACE_S = 5.0  # after close(), workers still alive this long are killed
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36  # prctl(2) options
+
+
+def start_method() -> str:
+    """'fork' (cheap) unless this process has initialised the CUDA driver; then 'spawn'."""
+    from nvidia.dali import backend
+
+    return "spawn" if backend.IsDriverInitialized() else "fork"
+
+
+def child_pids() -> set[int]:
+    """Pids of this process's children (all threads' children, from /proc)."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").glob("*"):
+        with contextlib.suppress(OSError):
+            pids.update(int(p) for p in (task / "children").read_text().split())
+    return pids
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 onwards: state, ppid, ...), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def kill_children(pids: list[int] | None = None) -> None:
+    """SIGKILL and reap `pids` (default: every child) that are still this process's children.
+
+    A pid that is no longer our child (reaped, then reused by the system) is left alone.
+    """
+    for pid in sorted(child_pids() if pids is None else pids):
+        stat = proc_stat(pid)
+        if stat is None or int(stat[1]) != os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, 0)
+
+
+def become_subreaper() -> None:
+    """Adopt what our children leave behind (a SIGKILLed rank's DALI workers survive it), so we can end it."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+_ARMED_PID = 0
+
+
+def die_with_parent(owner_pid: int) -> None:
+    """In a worker process: ask Linux to kill it when the owner dies. A no-op in the owner itself."""
+    global _ARMED_PID
+    pid = os.getpid()
+    if pid == owner_pid or pid == _ARMED_PID:
+        return
+    _ARMED_PID = pid
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != owner_pid:  # the owner died before the signal was armed
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def worker_signal_policy() -> Iterator[None]:
+    """Workers forked or spawned inside this block inherit SIGTERM ignored when inside a Slurm job."""
+    if "SLURM_JOB_ID" not in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SIG_IGN survives fork and exec
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class DaliProcesses:
+    """One DALI pipeline and its Python workers: started with the signal policy, closed without orphans.
+
+    The workers start here, before the pipeline is built (building a GPU pipeline initialises the
+    CUDA driver, after which they could only be spawned).
+    """
+
+    def __init__(self, pipe: Any, py_workers: int) -> None:
+        self.pipe = pipe
+        before = child_pids()
+        if py_workers:
+            with worker_signal_policy():
+                pipe.start_py_workers()
+        self.worker_pids = sorted(child_pids() - before)
+        self.built = False
+
+    def run(self) -> Any:
+        if not self.built:
+            self.pipe.build()
+            self.built = True
+        return self.pipe.run()
+
+    def reset(self) -> None:
+        self.pipe.reset()
+
+    def close(self) -> None:
+        """Shut the pipeline and its workers down now; kill any worker still alive after a grace period.
+
+        DALI stops its workers only when the pipeline object is garbage-collected. Any lingering
+        reference (a caller's local variable) would keep them running until the kill below, and
+        DALI's own close, run later by the collector, would then wait forever on the dead worker.
+        So the pipeline's executor and worker pool are closed here, explicitly (both idempotent).
+        """
+        pids, self.worker_pids = self.worker_pids, []
+        pipe, self.pipe = self.pipe, None
+        killer = threading.Timer(WORKER_EXIT_GRACE_S, kill_children, args=(pids,))
+        killer.daemon = True
+        killer.start()  # DALI joins its workers after a gentle stop; a worker ignoring SIGTERM could hang that
+        if pipe is not None:
+            pipe._shutdown()  # no public close in DALI 2.4: the executor first,
+            pool = getattr(pipe, "_py_pool", None)
+            if pool is not None:
+                pool.close()  # then the Python workers (stopped, joined)
+        del pipe
+        gc.collect()
+        killer.cancel()
+        kill_children(pids)
