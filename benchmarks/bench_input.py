@@ -29,9 +29,10 @@ from pipeline.bench import (STAGES, BenchSpec, baseline_batches, images_per_seco
                             stage_batches)
 from pipeline.datasets import index_train
 from pipeline.synthetic import JPEG_QUALITY, class_looks, encode, render
+from training.placement import place
 
-SIZES = ((500, 375), (375, 500))
-PREFETCHED = 4  # batches a contender may hold ready when its turn comes (interleaved mode)  # ImageNet's most common landscape and portrait shapes
+SIZES = ((500, 375), (375, 500))  # ImageNet's most common landscape and portrait shapes
+PREFETCHED = 4  # batches a contender may hold ready when its turn comes (interleaved mode)
 
 
 def _write_class(job: tuple[str, int, int, object]) -> None:
@@ -85,8 +86,9 @@ def main() -> None:
     args = p.parse_args()
 
     index = index_train(make_imagenet_like(Path(args.data), args.classes, args.per_class))
-    spec = BenchSpec(device=args.device, batch_size=args.batch_size, threads=args.threads, py_workers=args.py_workers,
-                     batches=args.batches)
+    here = place(args.device, threads=args.threads, py_workers=args.py_workers)
+    spec = BenchSpec(device=args.device, device_id=here.gpu_index, batch_size=args.batch_size, threads=here.dali_threads,
+                     py_workers=args.py_workers, batches=args.batches)
     if args.interleave:
         interleaved(index, spec, args.interleave, args.json)
         return

@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parents[1]
 
 def stage_costs(code: Path, data: str, args: argparse.Namespace) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-m", "training", "bench-input", data, "--stages", args.stages, "--batches", str(args.batches),
+        entry = "senet" if (code / "senet" / "__main__.py").is_file() else "training"  # the command's older home
+        cmd = [sys.executable, "-m", entry, "bench-input", data, "--stages", args.stages, "--batches", str(args.batches),
                "--batch-size", str(args.batch_size), "--threads", "1", "--py-workers", str(args.py_workers),
                "--warmup", "5", "--json", out.name, "--cache-dir", args.cache_dir]
         env = {**os.environ, "PYTHONPATH": str(code), "PYTHONSAFEPATH": "1"}

@@ -193,7 +193,7 @@ def section_train(device: str, out: Path, size: dict) -> dict:
         row: dict[str, Any] = {"arch": arch, "batch_size": batch, "precision": "bf16", "channels_last": True,
                                "compile": compiled}
         target = out / f"train_{arch}_{batch}{'_compiled' if compiled else ''}.json"
-        cmd = [sys.executable, "-m", "training", "bench-train", str(config), "--batches", str(size["train_batches"]),
+        cmd = [sys.executable, "-m", "senet", "bench-train", str(config), "--batches", str(size["train_batches"]),
                "--warmup", str(size["train_warmup"]), "--json", str(target), "--set", f"model.arch={arch}",
                "--set", f"train.batch_size={batch}", "--set", f"train.compile={str(compiled).lower()}"]
         timeout = COMPILE_TIMEOUT_S[device] if compiled else size["timeouts"]["train"] // 2
@@ -232,7 +232,7 @@ def section_nccl(device: str, out: Path, size: dict) -> dict:
                      f"  samples_per_epoch: 64\ntrain:\n  device: {device}\n  epochs: 1\n  batch_size: 8\n"
                      f"  log_every: 1\n")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "training", "train", str(config), "--nproc", "2", "--out",
+    done = subprocess.run([sys.executable, "-m", "senet", "train", str(config), "--nproc", "2", "--out",
                            str(out / "nccl_run"), "--resume", "none"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=size["timeouts"]["nccl"] - 10)
     if done.returncode != 0:
@@ -256,7 +256,7 @@ def section_train_predict(device: str, out: Path, size: dict) -> dict:
                      f"data:\n  root: {tree}\n  crop_size: {size['crop']}\n  cache_dir: {out / 'cache'}\n"
                      f"  py_workers: {size['py_workers']}\ntrain:\n  device: {device}\n  epochs: 1\n  batch_size: 32\n"
                      f"  log_every: 5\n  checkpoint_every: 10\n")
-    done = subprocess.run([sys.executable, "-m", "training", "train", str(config), "--out", str(run), "--resume", "none"],
+    done = subprocess.run([sys.executable, "-m", "senet", "train", str(config), "--out", str(run), "--resume", "none"],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=size["timeouts"]["train_predict"] // 2)
     if done.returncode != 0:

@@ -30,7 +30,7 @@ from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, draw, dra
 from pipeline.dali import (HW_DECODER_LOAD, PARAMS, TrainSource, decode_region, decoder_options, normalize,
                            source_depth, unpack_params)
 from pipeline.datasets import ImageIndex
-from pipeline.loader import TrainLoader
+from pipeline.loader import TrainLoader, endless
 from pipeline.processes import DaliProcesses, proc_stat, start_method
 from pipeline.sampling import ClassAwareSampler
 
@@ -168,7 +168,7 @@ def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSp
                          aug=aug, crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, threads=spec.threads,
                          py_workers=spec.py_workers, prefetch=spec.prefetch,
                          hw_decoder_load=spec.hw_decoder_load) as loader:
-            yield iter(_epochs(loader))
+            yield endless(loader)
         return
     sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
     # The crop region and flip only (the same boxes as `full`: rotation and colour draw other uniforms).
@@ -195,14 +195,6 @@ def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSp
     """Images per second of one stage (see the module docstring)."""
     with stage_batches(index, stage, spec, aug) as batches:
         return images_per_second(batches, spec.batches, spec.warmup, spec.batch_size, sync=spec.device == "gpu")
-
-
-def _epochs(loader: TrainLoader) -> Iterable[Any]:
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 # ------------------------------------------------------------------------------- PIL baseline
@@ -258,23 +250,29 @@ def baseline_batches(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = Augm
                                          drop_last=True, persistent_workers=True, prefetch_factor=2,
                                          pin_memory=spec.device == "gpu")
 
-    def epochs() -> Iterator[Any]:
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            for images, labels in loader:
-                if spec.device == "gpu":
-                    device = torch.device("cuda", spec.device_id or 0)
-                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                yield images, labels
-            epoch += 1
-
-    batches = epochs()
+    device = torch.device("cuda", spec.device_id or 0) if spec.device == "gpu" else None
+    batches = endless(_EpochsOf(loader, sampler, device))
     try:
         yield batches
     finally:
         batches.close()
         del loader  # persistent workers stop with the loader's iterator
+
+
+class _EpochsOf:
+    """A torch DataLoader behind the loaders' `set_epoch` / iterate interface, batches moved to `device`."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, sampler: ClassAwareSampler, device: torch.device | None):
+        self.loader, self.sampler, self.device = loader, sampler, device
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            if self.device is not None:
+                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield images, labels
 
 
 def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:

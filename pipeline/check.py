@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.datasets import ImageIndex, index_train, list_images, tree_cache_folder
+from pipeline.datasets import DEFAULT_CACHE_DIR, ImageIndex, index_train, list_images, tree_cache_folder
 from pipeline.devkit import DEVKIT_DIRNAME, find_devkit, load_devkit
 from pipeline.errors import DataError
 
@@ -84,7 +84,7 @@ class CheckReport:
         return {**self.__dict__, "ok": self.ok}
 
 
-def check_data(root: str | Path, devkit: str | Path | None = None, cache_dir: str | Path = "~/.cache/senet",
+def check_data(root: str | Path, devkit: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                exclude_out: str | Path | None = None, workers: int | None = None,
                progress: Callable[[Iterator, int], Iterator] = lambda it, total: it) -> CheckReport:
     """Scan a data tree: counts, decodability, devkit consistency; write the exclusion list.

@@ -22,6 +22,8 @@ from pipeline.errors import DataError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 INDEX_FORMAT = 1
+# Where the file index and the exclusion list of each data tree are kept (data sets are often read-only).
+DEFAULT_CACHE_DIR = "~/.cache/senet"
 
 
 @dataclass(frozen=True, eq=False)

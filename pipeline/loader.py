@@ -415,4 +415,70 @@ class EvalLoader(_Closing):
             run.close()
 
 
-__all__ = ["TrainLoader", "EvalLoader", "AugmentSpec", "apply_colour"]
+class ResidentLoader(_Closing):
+    """Batches of tensors that already sit on the device, in a fixed order: the synthetic input of
+    `bench-train`, the benchmarks and the tests, behind the TrainLoader interface (resumable position)
+    or, with `positions=True`, the EvalLoader one.
+
+    Args:
+        images, labels: (N, ...) and (N,) tensors; batch k of an epoch holds rows k*B .. k*B+B-1
+            (modulo N: a few rows can serve many steps).
+        batch_size: rows per batch (B).
+        steps: batches per epoch (default N // B); with `positions`, every row once and the last
+            batch may be short.
+        positions: yield (images, labels, positions) as EvalLoader does.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int | None = None,
+                 positions: bool = False) -> None:
+        if len(images) != len(labels) or not len(images) or batch_size < 1:
+            raise ValueError(f"{len(images)} images, {len(labels)} labels and batch_size={batch_size}: need as many "
+                             f"labels as images, at least one, and a batch of at least one")
+        self.images, self.labels, self.batch_size, self.positions = images, labels, batch_size, positions
+        n = len(images)
+        self.steps = -(-n // batch_size) if positions else (steps or max(1, n // batch_size))
+        self._epoch, self._start = 0, 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self._start = epoch, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        n, b = len(self.images), self.batch_size
+        start, self._start = self._start, 0
+        for k in range(start, self.steps):
+            self._start = k + 1  # the state_dict's position, while the caller works on this batch
+            if self.positions:
+                rows = torch.arange(k * b, min(n, (k + 1) * b))
+                yield self.images[rows], self.labels[rows], rows
+            else:
+                rows = torch.arange(k * b, (k + 1) * b) % n
+                yield self.images[rows], self.labels[rows]
+        self._start = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "epoch": self._epoch, "batch": self._start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch, self._start = int(state["epoch"]), int(state["batch"])
+
+    def close(self) -> None:
+        """Nothing to stop: no pipeline, no worker."""
+
+
+def endless(loader: Any, epoch: int = 0) -> Iterator[Any]:
+    """The loader's batches epoch after epoch from `epoch` on (for benchmarks that outlast an epoch)."""
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+__all__ = ["TrainLoader", "EvalLoader", "ResidentLoader", "AugmentSpec", "apply_colour", "endless"]

@@ -1,9 +1,9 @@
 """The Slurm job: a checkpointable callable that runs `training.engine.run` as one task (one rank).
 
-It pickles only its config and two folders and resumes from disk (style.md item 10): a requeued job is
+It pickles only its config and two folders and resumes from disk: a requeued job is
 the same `TrainJob`, and `run(resume="auto")` continues from RUN/checkpoints/last.pt.
 
-Signals (design.md §4 "Signals under Slurm"). Slurm warns a job with USR2 (`--signal=USR2@delay` before
+Signals. Slurm warns a job with USR2 (`--signal=USR2@delay` before
 the time limit, and at preemption with `preempt_send_user_signal`), then sends SIGTERM (at the limit,
 after GraceTime, or alone for `scontrol requeue` / `scancel`), then SIGKILL. submitit's own USR2 handler
 would, on rank 0 only, pickle `checkpoint()`, `scontrol requeue` the job and exit at once: from inside
@@ -42,7 +42,8 @@ import torch
 
 from training.config import Config
 from training.dist import DistInfo
-from training.engine import RunControl, run
+from training.control import RunControl
+from training.engine import run
 from training.placement import place_run
 
 log = logging.getLogger("senet.slurm")

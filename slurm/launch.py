@@ -1,12 +1,12 @@
 """A training run as a Slurm job: the config's `slurm` section -> sbatch parameters -> submitit.
 
 One run folder per job under the output root (`--out` / `slurm.output_root`), laid out like
-`senet train --out` plus what only a job has:
+`senet train --out` (training.run_folder) plus what only a job has:
 
-    RUN/config.given.yaml   the config file as written        RUN/checkpoints/last.pt, best.pt
-    RUN/config.yaml         resolved (overrides applied)      RUN/metrics.jsonl, curves.png
-    RUN/job.json            job id, command, submit folder    RUN/logs/<job>_<rank>_log.{out,err}  (submitit's)
-    RUN/code/               pipeline/ models/ training/ slurm/ as they were at submission
+    RUN/job.json            job ids, command, submit folder   RUN/logs/<job>_<rank>_log.{out,err}  (submitit's)
+    RUN/code/               senet/ pipeline/ models/ training/ slurm/ as they were at submission
+
+`resubmit` continues such a run folder with a new job once its job has ended.
 
 The job imports from RUN/code (PYTHONPATH, and PYTHONSAFEPATH so the working folder never comes first),
 so a requeued job runs the code it was submitted with, not whatever an editable install holds by then.
@@ -34,15 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from training.config import Config, ConfigError
+from training.run_folder import CHECKPOINTS, CONFIG, GIVEN_CONFIG, LAST
 
 JOB_PREFIX = "senet-"  # job names: senet-<run folder name>; `senet jobs` lists these
-LOGS, CODE, JOB_FILE, GIVEN_CONFIG = "logs", "code", "job.json", "config.given.yaml"
-PACKAGES = ("pipeline", "models", "training", "slurm")  # what the job imports; copied into RUN/code
+LOGS, CODE, JOB_FILE = "logs", "code", "job.json"
+PACKAGES = ("pipeline", "models", "training", "slurm", "senet")  # the code of a run, copied into RUN/code
 DEFAULT_TASKS_CPU = 1  # tasks per node when gpus_per_node is 0
 
 
 class SubmitError(Exception):
     """sbatch refused the job, or Slurm cannot be reached; one line saying why (exit 1)."""
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be continued as asked; one line saying why (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,7 @@ def prepare_run_dir(cfg: Config, config_path: str | Path, root: Path) -> Path:
 
     run_dir = new_run_dir(root, config_path).resolve()
     shutil.copyfile(config_path, run_dir / GIVEN_CONFIG)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run_dir / CONFIG).write_text(dump_yaml(cfg))
     snapshot_code(run_dir / CODE)
     (run_dir / LOGS).mkdir()
     return run_dir
@@ -205,28 +210,88 @@ def submit(cfg: Config, config_path: str | Path, root: Path, command: list[str] 
     Raises:
         ConfigError: inconsistent `slurm` settings. SubmitError: sbatch refused the job (one line).
     """
+    check_job_config(cfg)
+    _need_sbatch()
+    run_dir = prepare_run_dir(cfg, config_path, root)
+    try:
+        job_id = _sbatch(cfg, run_dir, Path.cwd())
+    except SubmitError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing was submitted: leave no half run folder behind
+        raise
+    info = {"job_id": job_id, "run_dir": str(run_dir), "submitted": _now(), "workdir": str(Path.cwd()),
+            "command": command or [], "nodes": cfg.slurm.nodes, "tasks_per_node": tasks_per_node(cfg),
+            "gpus_per_node": cfg.slurm.gpus_per_node, "jobs": [job_id]}
+    (run_dir / JOB_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return Submitted(job_id, run_dir)
+
+
+def resubmit(run_dir: Path, command: list[str] | None = None) -> tuple[Submitted, int]:
+    """Continue a run whose job has ended (time limit after its last requeue, cancelled, node failure).
+
+    The new job is the old one again: the run folder's resolved config and code snapshot, the same
+    working folder, and `run(resume="auto")` from its last.pt, exactly as a requeue would; its logs and
+    metrics go to the same run folder, and job.json lists every job of the run.
+
+    Returns:
+        The new job and the step it will resume from.
+
+    Raises:
+        RunFolderError: not a run folder of `senet submit`, no usable checkpoint, or a job still queued or
+            running. ConfigError: its config no longer validates. SubmitError: sbatch refused the job.
+    """
+    from slurm.queue import ACTIVE, job_state
+    from training.checkpoint import CheckpointError, peek_checkpoint
+    from training.config import load_config
+
+    run_dir = Path(run_dir).resolve()
+    try:
+        info = json.loads((run_dir / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        raise RunFolderError(f"{run_dir}: no readable {JOB_FILE}; --resume takes a run folder that `senet submit` "
+                             f"made") from None
+    state = job_state(str(info["job_id"]))
+    if state in ACTIVE:
+        raise RunFolderError(f"{run_dir}: its job {info['job_id']} is still {state}; it resumes by itself (or "
+                             f"`senet cancel {info['job_id']}` first)")
+    last = run_dir / CHECKPOINTS / LAST
+    try:
+        step = int(peek_checkpoint(last)["step"])
+    except CheckpointError as e:
+        raise RunFolderError(f"{run_dir}: no usable checkpoint to resume from ({e}); submit the config as a new run") \
+            from None
+    cfg = load_config(run_dir / CONFIG)
+    check_job_config(cfg)
+    _need_sbatch()
+    job_id = _sbatch(cfg, run_dir, Path(info.get("workdir") or run_dir))
+    info.update({"job_id": job_id, "jobs": [*info.get("jobs", [info["job_id"]]), job_id], "resubmitted": _now(),
+                 "resumed_from_step": step, "resubmit_command": command or []})
+    (run_dir / JOB_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return Submitted(job_id, run_dir), step
+
+
+def _need_sbatch() -> None:
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: run on a Slurm login node (or `make slurm-up` and "
+                          "`source .slurm-local/env` for the local test cluster)")
+
+
+def _sbatch(cfg: Config, run_dir: Path, workdir: Path) -> str:
+    """Submit the run folder's TrainJob through submitit; its job id."""
     import submitit
 
     from slurm.job import TrainJob
 
-    check_job_config(cfg)
-    if shutil.which("sbatch") is None:
-        raise SubmitError("sbatch not found: run on a Slurm login node (or `make slurm-up` and "
-                          "`source .slurm-local/env` for the local test cluster)")
-    run_dir = prepare_run_dir(cfg, config_path, root)
     try:
         executor = submitit.SlurmExecutor(folder=run_dir / LOGS, max_num_timeout=cfg.slurm.max_requeues)
         executor.update_parameters(**sbatch_parameters(cfg, run_dir))
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
-            job = executor.submit(TrainJob(cfg, run_dir, Path.cwd()))
-    except Exception as e:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing was submitted: leave no half run folder behind
+            return executor.submit(TrainJob(cfg, run_dir, workdir)).job_id
+    except Exception as e:  # noqa: BLE001 - submitit raises plain exceptions for sbatch's refusals
         raise SubmitError(explain_sbatch_error(str(e))) from None
-    info = {"job_id": job.job_id, "run_dir": str(run_dir), "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "workdir": str(Path.cwd()), "command": command or [], "nodes": cfg.slurm.nodes,
-            "tasks_per_node": tasks_per_node(cfg), "gpus_per_node": cfg.slurm.gpus_per_node}
-    (run_dir / JOB_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    return Submitted(job.job_id, run_dir)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def explain_sbatch_error(text: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.datasets import ImageIndex, index_train
 from pipeline.synthetic import SyntheticSpec, make_synthetic
+from training.control import RunControl
 
 SMALL = SyntheticSpec(classes=6, train_per_class=12, val_per_class=4, test=8, imbalance=3.0, corrupt=5, seed=7,
                       min_side=64, max_side=160)
@@ -46,6 +47,17 @@ def tree_with_a_pipeline_killer(tree: Path, dest: Path) -> tuple[ImageIndex, str
     return ImageIndex(dest, index.files, index.labels, index.classes), victim
 
 
+class CheckpointRecorder(RunControl):
+    """A RunControl that agrees on requests at every step and records the steps of the checkpoints it asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(check_every=1)
+        self.saved: list[int] = []
+
+    def on_checkpoint_saved(self, path: Path, step: int) -> None:
+        self.saved.append(step)
+
+
 LEARN_CLASSES = 6
 
 
@@ -66,7 +78,7 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     make_synthetic(data, SyntheticSpec(classes=LEARN_CLASSES, train_per_class=100, val_per_class=10, test=10, seed=1,
                                        min_side=64, max_side=112))
     (data / "test" / "ILSVRC2012_test_00000004.JPEG").write_bytes(b"")
-    senet = [sys.executable, "-m", "training"]
+    senet = [sys.executable, "-m", "senet"]
     subprocess.run(senet + ["check-data", str(data), "--cache-dir", str(cache), "--quiet"], capture_output=True, check=False)
     config = tmp / "tiny.yaml"
     config.write_text("model:\n  arch: se_resnext_tiny\n  channels_last: false\ntrain:\n  seed: 3\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.cli import main
+from senet.cli import main
 
 
 def test_bench_input_writes_every_stage_and_the_baseline(small_tree: Path, tmp_path: Path) -> None:
@@ -38,13 +38,13 @@ def test_bench_input_survives_undecodable_files_and_honours_the_exclusion_list(s
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "training", "bench-input", str(small_tree), "--stages", "read", "--baseline",
+    args = [sys.executable, "-m", "senet", "bench-input", str(small_tree), "--stages", "read", "--baseline",
             "--batches", "8", "--warmup", "1", "--batch-size", "8", "--crop-size", "32", "--threads", "1",
             "--cache-dir", str(tmp_path / "cache")]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "cannot decode" in done.stderr  # the baseline met a planted bad file and said so
-    subprocess.run([sys.executable, "-m", "training", "check-data", str(small_tree), "--cache-dir", str(tmp_path / "cache"),
+    subprocess.run([sys.executable, "-m", "senet", "check-data", str(small_tree), "--cache-dir", str(tmp_path / "cache"),
                     "--quiet"], capture_output=True, check=False)
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "cannot decode" not in done.stderr, done.stderr[-2000:]

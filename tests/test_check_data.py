@@ -12,7 +12,7 @@ import pytest
 from pipeline.check import check_data
 from pipeline.datasets import index_train, load_exclusions
 
-SENET = [sys.executable, "-m", "training"]
+SENET = [sys.executable, "-m", "senet"]
 
 
 def planted(root: Path) -> dict[str, dict]:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SENET = [sys.executable, "-m", "training"]
+SENET = [sys.executable, "-m", "senet"]
 
 
 def test_complexity_json_and_table(tmp_path: Path) -> None:

@@ -3,20 +3,22 @@ test_train_cli.py): LR schedule of the recipe, optimizer choice, checkpoints, me
 non-finite loss detection, evaluation counts, and exact resume through a RunControl stop."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from pipeline.loader import ResidentLoader
 from training import engine
+from training.build import Data, build
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, unwrap
 from training.config import Config, ConfigError, OptimConfig, load_config
+from tests.conftest import CheckpointRecorder
+from training.control import RunControl
 from training.dist import DistInfo
 from training.placement import place_run
 from training.metrics import MetricsLog, read_metrics
@@ -205,100 +207,76 @@ def test_evaluate_counts_top1_and_topk_over_all_images() -> None:
     assert m["val_top5"] == 0.75  # k = min(5, classes) = 3
 
 
-# --- the whole loop in one process, with an in-memory loader -----------------------------------------
+# --- the whole loop in one process, built from parts: resident tensors and a small net -----------------
 
-class TensorLoader:
-    """The loader interface over fixed tensors: order and augmentation keyed by (seed, epoch, position)."""
+N_TRAIN, N_VAL, BATCH = 96, 24, 8  # 12 steps per epoch
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.position = 0, 0
-        g = torch.Generator().manual_seed(123)
-        self.labels = torch.randint(0, 3, (n,), generator=g)
-        self.images = torch.randn(n, 3, 16, 16, generator=g) + self.labels[:, None, None, None].float()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+def tensors(n: int, seed: int, poisoned_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable 3-class set: images shifted by their label; optionally one batch of NaN images."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.randn(n, 3, 16, 16, generator=g) + labels[:, None, None, None].float()
+    if poisoned_batch is not None:
+        images[poisoned_batch * BATCH:(poisoned_batch + 1) * BATCH] = float("nan")
+    return images, labels
 
-    def __len__(self) -> int:
-        return self.n // self.batch_size
+
+class SignalAt(ResidentLoader):
+    """Training batches that ask `control` for a checkpoint and a stop while batch `at` is taken (overall
+    count), as a signal handler would during that step."""
+
+    def __init__(self, control: RunControl, at: int, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.control, self.at, self.taken = control, at, 0
 
     def __iter__(self):
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
-        while self.position + self.batch_size <= len(self) * self.batch_size:
-            idx = torch.as_tensor(order[self.position:self.position + self.batch_size])
-            self.position += self.batch_size
-            yield self.images[idx], self.labels[idx]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-
-    def close(self) -> None:
-        pass
+        for batch in super().__iter__():
+            self.taken += 1
+            if self.taken == self.at:
+                self.control.request_checkpoint(stop=True)
+            yield batch
 
 
-class EvalTensorLoader(TensorLoader):
-    def __iter__(self):
-        for i in range(0, self.n, self.batch_size):
-            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size], torch.arange(i, i + self.batch_size)
-
-
-class StopAt(engine.RunControl):
-    """Asks for a checkpoint and a stop when the run reaches `step` (as a signal handler would)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(check_every=1)
-        self.step, self.saved = step, []
-
-    def on_checkpoint_saved(self, path: Path, step: int) -> None:
-        self.saved.append(step)
+def small_model(cfg: Config) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
 @pytest.fixture
-def in_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """run() with an in-memory data set and a small conv net, so the loop runs in a second."""
-    (tmp_path / "data" / "train").mkdir(parents=True)
-    data = engine.Data(types.SimpleNamespace(classes=("a", "b", "c")), None, frozenset())
-    monkeypatch.setattr(engine, "preflight", lambda cfg: None)
-    monkeypatch.setattr(engine, "load_data", lambda cfg: data)
-    monkeypatch.setattr(engine, "check_input_resources", lambda cfg, place, data: None)
-    monkeypatch.setattr(engine, "build_loaders", lambda cfg, dist, data: (TensorLoader(96, 8, cfg.train.seed),
-                                                                          EvalTensorLoader(24, 8)))
-
-    def small_model(cfg: Config, device: torch.device) -> nn.Module:
-        torch.manual_seed(cfg.train.seed)
-        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-    monkeypatch.setattr(engine, "build_model", small_model)
-    overrides = ["model.num_classes=3", "train.device=cpu", "train.epochs=3", "train.batch_size=8", "train.log_every=4",
-                 "train.checkpoint_every=5", "optim.lr=0.1", "optim.reference_batch=8", "optim.warmup_epochs=1"]
+def in_memory(tmp_path: Path):
+    """A config and a `fit` of it built from parts (no data folder, no DALI): the loop runs in a second."""
+    overrides = ["model.num_classes=3", "train.device=cpu", "train.epochs=3", f"train.batch_size={BATCH}",
+                 "train.log_every=4", "train.checkpoint_every=5", "optim.lr=0.1", "optim.reference_batch=8",
+                 "optim.warmup_epochs=1"]
+    cfg = load_config(None, overrides)
     threads = torch.get_num_threads()
-    yield load_config(None, overrides), tmp_path
-    torch.use_deterministic_algorithms(False)  # run() set them for this process; leave the next tests as found
+
+    def fit(out: Path, resume: str | None, control: RunControl | None = None, train=None) -> dict:
+        train = train or ResidentLoader(*tensors(N_TRAIN, 123), BATCH)
+        val = ResidentLoader(*tensors(N_VAL, 7), BATCH, positions=True)
+        r = build(cfg, place_run(cfg, DistInfo()), out, control=control, data=Data(("a", "b", "c")),
+                  loaders=(train, val), model=small_model(cfg))
+        try:
+            return engine.fit(r, resume)
+        finally:
+            r.close()
+
+    yield fit, cfg, tmp_path
+    torch.use_deterministic_algorithms(False)  # build() set them for this process; leave the next tests as found
     torch.set_num_threads(threads)
 
 
 def test_stop_on_request_then_resume_is_exact_and_metrics_read_as_one_run(in_memory) -> None:
-    cfg, tmp = in_memory
-    whole = engine.run(cfg, place_run(cfg, DistInfo()), tmp / "whole", resume=None)
+    fit, cfg, tmp = in_memory
+    whole = fit(tmp / "whole", resume=None)
     assert whole["step"] == 36 and not whole["stopped"] and 0 <= whole["val_top1"] <= 1
 
-    control = StopAt(17)
-    real_step, calls = engine.train_step, [0]
-
-    def step_then_signal(*args):  # a "signal handler" asks during step 17
-        calls[0] += 1
-        if calls[0] == control.step:
-            control.request_checkpoint(stop=True)
-        return real_step(*args)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "train_step", step_then_signal)
-        part = engine.run(cfg, place_run(cfg, DistInfo()), tmp / "part", resume="auto", control=control)
+    control = CheckpointRecorder()
+    part = fit(tmp / "part", "auto", control, train=SignalAt(control, 17, *tensors(N_TRAIN, 123), BATCH))
     assert part["stopped"] and part["step"] == 17 and control.saved == [17]
-    rest = engine.run(cfg, place_run(cfg, DistInfo()), tmp / "part", resume="auto")
+    rest = fit(tmp / "part", resume="auto")
     assert rest["step"] == 36
 
     a = torch.load(tmp / "whole" / "checkpoints" / "last.pt", weights_only=True)
@@ -317,18 +295,11 @@ def test_stop_on_request_then_resume_is_exact_and_metrics_read_as_one_run(in_mem
     assert (tmp / "part" / "config.yaml").is_file()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_memory, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg, tmp = in_memory
-    real_step = engine.train_step
-    calls = [0]
-
-    def poisoned(model, images, labels, *rest):
-        calls[0] += 1
-        return real_step(model, images * (float("nan") if calls[0] == 7 else 1.0), labels, *rest)
-    monkeypatch.setattr(engine, "train_step", poisoned)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_memory) -> None:
+    fit, cfg, tmp = in_memory
+    poisoned = ResidentLoader(*tensors(N_TRAIN, 123, poisoned_batch=6), BATCH)  # the 7th step's batch
     with pytest.raises(engine.NonFiniteLoss, match="at step 7"):
-        engine.run(cfg, place_run(cfg, DistInfo()), tmp / "nan", resume=None)
+        fit(tmp / "nan", resume=None, train=poisoned)
     ckpt = torch.load(tmp / "nan" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp / "nan" / "metrics.jsonl") if "loss" in r)
-    json.dumps(ckpt["config"])  # the resolved config is plain data

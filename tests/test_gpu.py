@@ -21,7 +21,7 @@ from pipeline.datasets import ImageIndex, index_train, index_val
 from pipeline.devkit import load_devkit
 from pipeline.loader import EvalLoader, TrainLoader
 from pipeline.processes import start_method
-from tests.conftest import planted, tree_with_a_pipeline_killer
+from tests.conftest import CheckpointRecorder, planted, tree_with_a_pipeline_killer
 from training.placement import gpu_count
 
 DEVICE = os.environ.get("SENET_TEST_DEVICE", "gpu")
@@ -131,15 +131,7 @@ def test_a_run_on_the_device_stops_checkpoints_and_resumes(small_tree: Path, tmp
             "train.checkpoint_every=100", f"data.cache_dir={tmp_path / 'cache'}", "data.samples_per_epoch=64"]
     cfg = load_config(None, sets)
 
-    class StopAt(engine.RunControl):
-        def __init__(self) -> None:
-            super().__init__(check_every=1)
-            self.saved: list[int] = []
-
-        def on_checkpoint_saved(self, path: Path, step: int) -> None:
-            self.saved.append(step)
-
-    control = StopAt()
+    control = CheckpointRecorder()
     control.request_checkpoint(stop=True)  # at the first agreement: step 1
     threads = torch.get_num_threads()
     try:

@@ -20,7 +20,7 @@ from pipeline.synthetic import SyntheticSpec, make_synthetic
 from training.metrics import read_metrics
 from training.submission import format_submission, read_submission
 
-SENET = [sys.executable, "-m", "training"]
+SENET = [sys.executable, "-m", "senet"]
 CLASSES = 6
 
 

@@ -1,4 +1,4 @@
-"""The local Slurm cluster of slurm/cluster/ (design.md §5): nodes, accounting, submitit, preemption.
+"""The local Slurm cluster of slurm/cluster/ (how it is set up: up.sh): nodes, accounting, submitit, preemption.
 
 `make slurm-up` starts it (or finds it up) and it stays up for later test modules; `make slurm-down`
 stops and wipes it. Needs root, like the Makefile targets.

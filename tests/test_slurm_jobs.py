@@ -1,4 +1,4 @@
-"""`senet submit` against the real local Slurm cluster (slurm/cluster/, design.md §5): not mocked.
+"""`senet submit` against the real local Slurm cluster (slurm/cluster/up.sh explains its settings): not mocked.
 
 A 2-node x 2-task CPU (gloo) job on make-synthetic data completes and reports through its run folder;
 a job interrupted the way a time limit interrupts it (USR2 via submitit's `_interrupt(timeout=True)`)
@@ -25,7 +25,7 @@ import torch
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
 from slurm.launch import check_job_config, parse_time, sbatch_parameters
-from training.cli import main
+from senet.cli import main
 from training.config import ConfigError, load_config
 from training.metrics import read_metrics
 from tests.test_slurm_cluster import start_cluster, slurm, wait_until  # one copy of the cluster helpers
@@ -102,7 +102,7 @@ def reference_proc(workspace: Path) -> Iterator[subprocess.Popen]:
     """`senet train --nproc 4` of the same config, started at once (it runs while jobs queue)."""
     cpus = sorted(os.sched_getaffinity(0))[:WORLD]  # at most one core per rank, like cpus_per_task=1 in the job
     with open(workspace / "reference.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "training", "train", str(workspace / "test_slurm_jobs.yaml"),
+        proc = subprocess.Popen([sys.executable, "-m", "senet", "train", str(workspace / "test_slurm_jobs.yaml"),
                                  "--nproc", str(WORLD), "--out", str(workspace / "reference")],
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     yield proc
@@ -248,3 +248,52 @@ def test_preemption_by_the_urgent_partition_requeues_and_resumes_to_the_same_par
     assert states[-1] == "COMPLETED" and states[0] in ("PREEMPTED", "REQUEUED"), states
     assert_resumed_from_signal_checkpoint(job_id, run_dir)
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.arch=se_resnext51", "model.arch = 'se_resnext51' is not a registered model"),
+    ("model.num_classes=7", "model.num_classes = 7 but"),
+    ("data.root=/nowhere/imagenet", "data.root = '/nowhere/imagenet': folder not found; set data.root"),
+])
+def test_submit_refuses_what_training_would_reject_before_anything_is_queued(
+        cluster: dict[str, str], workspace: Path, capsys: pytest.CaptureFixture, override: str, message: str) -> None:
+    out = workspace / f"refused-{override.split('=')[0]}"
+    code = main(["submit", str(workspace / "test_slurm_jobs.yaml"), "--out", str(out), "--set", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists() or not any(out.iterdir())  # no run folder, nothing for sbatch
+    if override.startswith("data.root"):
+        assert "--no-preflight" in err[0]
+
+
+def test_a_cancelled_run_continues_with_submit_resume_to_the_same_parameters(
+        cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
+    job_id, run_dir = submit(workspace)
+    assert main(["submit", "--resume", str(run_dir)]) == 2  # still queued or running: it resumes by itself
+    assert "is still" in capsys.readouterr().err
+    # Past the first epoch's checkpoint, so that a last.pt exists even if the SIGTERM checkpoint came too late
+    wait_until(lambda: steps_logged(run_dir) >= STEPS_PER_EPOCH + 2, JOB_TIMEOUT_S, f"job {job_id} training")
+    slurm("scancel", job_id)  # SIGTERM: every rank checkpoints at the next agreement and leaves
+    wait_until(lambda: not in_queue(job_id), JOB_TIMEOUT_S, f"job {job_id} leaving the queue")
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 0 < stopped_at < EPOCHS * STEPS_PER_EPOCH
+
+    answer = workspace / "resume.json"
+    assert main(["submit", "--resume", str(run_dir), "--json", str(answer)]) == 0
+    resumed = json.loads(answer.read_text())
+    assert resumed["run_dir"] == str(run_dir) and resumed["resumed_from_step"] == stopped_at
+    wait_for_end(resumed["job_id"], run_dir)
+    assert json.loads((run_dir / "job.json").read_text())["jobs"] == [job_id, resumed["job_id"]]
+    resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
+    assert resumes == [stopped_at]
+    assert_same_parameters(run_dir, request.getfixturevalue("reference"))
+
+
+def test_resume_of_a_folder_without_a_checkpoint_is_one_line(cluster: dict[str, str], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "job.json").write_text(json.dumps({"job_id": "999999", "workdir": str(tmp_path)}))
+    assert main(["submit", "--resume", str(tmp_path), "--no-preflight"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no usable checkpoint" in err[0]
+    assert main(["submit", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "job.json" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from pipeline.devkit import find_devkit, load_devkit
 from pipeline.errors import DataError
 from training.submission import ensemble, format_submission, read_submission, score, top_ids
 
-SENET = [sys.executable, "-m", "training"]
+SENET = [sys.executable, "-m", "senet"]
 
 
 def test_format_is_one_line_per_image_with_at_most_five_ids() -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
-from training.cli import main
+from senet.cli import main
 from training.metrics import read_metrics
 
 needs_loader = pytest.mark.skipif(importlib.util.find_spec("pipeline.loader") is None
@@ -48,7 +48,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def senet(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "training", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "senet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kwargs)
 
 

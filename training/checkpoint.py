@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.run_folder import LAST
+
 FORMAT_VERSION = 1
-LAST, BEST = "last.pt", "best.pt"
 REQUIRED = ("format_version", "model", "optimizer", "scaler", "scheduler", "epoch", "step", "loader", "classes",
             "arch", "num_classes", "config")
 
@@ -71,8 +72,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint onto the CPU without unpickling code, checking its format.
+
+    Args:
+        path: the checkpoint file.
+        mmap: map the tensors instead of reading them (`peek_checkpoint`: cheap on a login node).
 
     Raises:
         CheckpointError: missing file, unreadable file, another format version or missing entries.
@@ -81,7 +86,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for a torn or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
@@ -91,6 +96,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return state
+
+
+def peek_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's counters and config, checked like `load_checkpoint`, its tensors only memory-mapped."""
+    return load_checkpoint(path, mmap=True)
 
 
 def resume_path(resume: str | None, checkpoint_dir: Path) -> Path | None:

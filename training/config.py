@@ -18,6 +18,8 @@ import logging
 
 import yaml
 
+from pipeline.datasets import DEFAULT_CACHE_DIR
+
 log = logging.getLogger("senet.config")
 # Keys that moved: old "section.key" -> new "section.key" (the old name is still read, with a warning).
 MOVED = {"data.device": "train.device"}
@@ -70,7 +72,7 @@ class DataConfig:
     prefetch: int = _key(2, "batches DALI prepares ahead", min=1, max=16)
     hw_decoder_load: float = _key(0.65, "share of JPEGs for the GPU's hardware JPEG decoder (A100/H100/H200; ignored "
                                   "elsewhere); the rest is decoded by nvJPEG's hybrid CPU+GPU path", min=0.0, max=1.0)
-    cache_dir: str = _key("~/.cache/senet", "where the file index and the exclusion list of each data tree are kept")
+    cache_dir: str = _key(DEFAULT_CACHE_DIR, "where the file index and the exclusion list of each data tree are kept")
     exclude_file: str | None = _key(None, "extra exclusion list (one relative path per line) to honour")
 
 

@@ -1,19 +1,31 @@
-"""The training engine: `run` reads like a table of contents; each step is a plain function.
+"""The training loop: `run` = preflight -> build -> fit, and each step a plain function.
 
 One process per device. The same `run` serves `senet train` (one process or `--nproc N` local ones),
 torchrun, and a Slurm task (slurm/ wraps it; nothing here knows about Slurm):
 
     summary = run(cfg, place_run(cfg), Path("runs/x"), resume="auto", control=RunControl())
 
-Exact resume (issue 5): the initial weights come from `train.seed`; the loader's order and every
-augmentation draw are functions of (seed, epoch, global position); any other randomness in a step
-(dropout) is reseeded from (seed, step, rank) before the step. So a checkpoint needs only state_dicts
-and counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU.
+or, with parts of one's own (`training.build`):
+
+    r = build(cfg, place, out, data=Data(classes), loaders=(train_loader, None))
+    try:
+        summary = fit(r, resume=None)
+    finally:
+        r.close()
+
+Exact resume: the initial weights come from `train.seed`; the loader's order and every augmentation
+draw are functions of (seed, epoch, global position); any other randomness in a step (dropout) is
+reseeded from (seed, step, rank) before the step. So a checkpoint needs only state_dicts and
+counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU.
 
 Checkpoints are taken at step boundaries with all ranks in step: every `train.checkpoint_every` steps,
 at each epoch end (after validation, so best.pt can be chosen), and when a `RunControl` asks (a signal
 handler on ANY rank may ask; the ranks agree with one tiny all-reduce every `control.check_every`
 steps, on a CPU group so a GPU stream is never synchronised for it).
+
+No host synchronisation in a step that neither logs nor checkpoints: the loss is accumulated on the
+device (`StepMeter`), the loaders deliver device tensors without waiting, and fp16's loss scaling uses
+the fused optimizer's on-device skip.
 """
 from __future__ import annotations
 
@@ -29,44 +41,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import dist as distmod
-from training.checkpoint import BEST, FORMAT_VERSION, LAST, CheckpointError, atomic_copy, atomic_save, load_checkpoint, \
-    resume_path
-from training.config import Config, ConfigError, config_to_dict, dump_yaml
-from training.placement import Placement, check_node, input_shm_bytes, mean_file_bytes
-from training.metrics import MetricsLog, plot_curves, read_metrics
-from training.optim import LRSchedule, build_optimizer
+from training.build import Run, build, preflight
+from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_copy, atomic_save, load_checkpoint, resume_path
+from training.config import Config, config_to_dict, dump_yaml
+from training.control import RunControl
+from training.metrics import plot_curves, read_metrics
+from training.placement import Placement
 from training.precision import Precision
+from training.run_folder import BEST, CHECKPOINTS, CONFIG, CURVES, LAST, METRICS
 
 log = logging.getLogger("senet.train")
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class RunControl:
-    """Lets code outside the loop (a signal handler, on any rank) ask for a checkpoint and a clean stop.
-
-    Safe to call from a signal handler: it only sets flags. Every rank must pass a RunControl (or
-    every rank None) with the same `check_every`, because the ranks agree on the flags collectively.
-    Subclass it (or assign `on_checkpoint_saved`) to act once the requested checkpoint is on disk,
-    e.g. to requeue a Slurm job.
-    """
-
-    def __init__(self, check_every: int = 10) -> None:
-        if check_every < 1:
-            raise ValueError(f"check_every={check_every} must be >= 1")
-        self.check_every = check_every  # steps between agreements: a request waits at most this many steps
-        self.checkpoint_requested = False
-        self.stop_after_checkpoint = False
-
-    def request_checkpoint(self, stop: bool = False) -> None:
-        """Ask for a checkpoint at the next agreed step boundary; `stop=True` also ends the run after it."""
-        self.checkpoint_requested = True
-        self.stop_after_checkpoint = self.stop_after_checkpoint or stop
-
-    def on_checkpoint_saved(self, path: Path, step: int) -> None:
-        """Called on every rank once a requested checkpoint is complete on disk (rank 0 wrote it)."""
 
 
 @dataclass
@@ -78,28 +66,6 @@ class TrainState:
     mid_epoch: bool = False  # the loader holds a position inside `epoch`
     best_top1: float = -1.0
     last_val: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Run:
-    """Everything a step needs, built once by `run` (not an `args` bag: fixed fields, typed)."""
-
-    cfg: Config
-    place: Placement
-    out: Path
-    device: torch.device
-    precision: Precision
-    model: nn.Module  # the unwrapped model: what checkpoints hold
-    train_model: nn.Module  # DDP / compiled wrapper used for training steps
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    schedule: LRSchedule
-    train_loader: Any
-    val_loader: Any | None
-    classes: tuple[str, ...]
-    log: MetricsLog
-    control: RunControl
-    group: Any  # process group for host-side agreement (None = world / single process)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -123,31 +89,22 @@ def run(cfg: Config, place: Placement, out_dir: Path, resume: str | None = "auto
             PlacementError (a ConfigError): the node cannot host this rank as configured.
         DataError: unreadable data; CheckpointError: unusable checkpoint; NonFiniteLoss.
     """
-    out_dir, control = Path(out_dir), control or RunControl()
     preflight(cfg)
-    configure_process(place)
-    if place.is_main:
-        log.info("placement: %s", place.describe())
-    data = load_data(cfg)
-    check_input_resources(cfg, place, data)
-    train_loader, val_loader = build_loaders(cfg, place, data)  # before CUDA/NCCL: DALI forks Python workers
-    owns_group = distmod.init_distributed(place, cfg.train.dist_timeout_s)
+    r = build(cfg, place, Path(out_dir), control=control)
     try:
-        group = distmod.control_group(place.backend)
-        distmod.check_distinct_gpus(place, group)
-        r = build_run(cfg, place, out_dir, data, train_loader, val_loader, control, group)
-        state = restore(r, resume_path(resume, out_dir / "checkpoints"))
-        write_run_files(r)
-        summary = train(r, state)
-        if place.is_main:
-            plot_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "curves.png")
-        return summary
+        return fit(r, resume)
     finally:
-        for loader in (train_loader, val_loader):
-            if loader is not None:
-                loader.close()
-        if owns_group:
-            distmod.teardown_distributed()
+        r.close()
+
+
+def fit(r: Run, resume: str | None = "auto") -> dict[str, Any]:
+    """Restore (or start fresh), train to `train.epochs` or a requested stop, draw the curves; the summary."""
+    state = restore(r, resume_path(resume, r.out / CHECKPOINTS))
+    write_run_files(r)
+    summary = train(r, state)
+    if r.place.is_main:
+        plot_curves(read_metrics(r.out / METRICS), r.out / CURVES)
+    return summary
 
 
 def train(r: Run, state: TrainState) -> dict[str, Any]:
@@ -182,7 +139,7 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
             atomic_copy(path, path.with_name(BEST))
         distmod.barrier(r.group)
     return {"step": state.step, "epoch": state.epoch, "stopped": stopped, **state.last_val,
-            "best_top1": state.best_top1, "checkpoint": str(r.out / "checkpoints" / LAST)}
+            "best_top1": state.best_top1, "checkpoint": str(r.out / CHECKPOINTS / LAST)}
 
 
 # ---------------------------------------------------------------------------------------- one epoch
@@ -359,166 +316,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
-# -------------------------------------------------------------------------------------------- setup
-def preflight(cfg: Config) -> None:
-    """Cheap checks that should fail before any process starts, as one line naming the key.
-
-    Raises:
-        ConfigError: data.root missing, unknown model, or model.num_classes != number of class folders.
-    """
-    from models import list_models
-
-    root = Path(cfg.data.root).expanduser()
-    if not cfg.data.root or not root.is_dir():
-        raise ConfigError(f"data.root = {cfg.data.root!r}: folder not found; set data.root in the config or "
-                          f"--set data.root=DIR (a tree from `senet make-synthetic` works)")
-    if cfg.model.arch not in list_models():
-        raise ConfigError(f"model.arch = {cfg.model.arch!r} is not a registered model; known: {', '.join(list_models())}")
-    if cfg.data.file_list is None:
-        folder = root / "train" if (root / "train").is_dir() else root
-        classes = sum(1 for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
-        if classes and classes != cfg.model.num_classes:
-            raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but {folder} has {classes} class folders; "
-                              f"set model.num_classes={classes}")
-    if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
-        log.warning("fp16 autocast on the CPU is slow and rarely useful; bf16 or fp32 are the usual CPU choices")
-
-
-def configure_process(place: Placement) -> None:
-    """Threads and determinism settings of this rank (nothing here touches CUDA)."""
-    torch.set_num_threads(place.torch_threads)
-    if place.device == "gpu":
-        torch.backends.cudnn.benchmark = True  # fastest kernels; GPU runs are not promised bit-exact
-    else:
-        torch.use_deterministic_algorithms(True, warn_only=True)  # the CPU resume test compares bits
-
-
-@dataclass(frozen=True)
-class Data:
-    train: Any  # ImageIndex
-    val: Any | None  # ImageIndex with devkit labels, or None when the tree has no val/devkit
-    exclude: frozenset[str]
-
-
-def load_data(cfg: Config) -> Data:
-    """Index the training and validation images and read the exclusion list (check-data's and the config's)."""
-    from pipeline.datasets import index_file_list, index_train, index_val, load_exclusions
-    from pipeline.devkit import find_devkit, load_devkit
-    from pipeline.errors import DataError
-
-    d = cfg.data
-    root = Path(d.root).expanduser()
-    if d.file_list:
-        train = index_file_list(root / d.file_list, root)
-    else:
-        train = index_train(root, d.cache_dir)
-    if cfg.model.num_classes != len(train.classes):
-        raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but the training data has "
-                          f"{len(train.classes)} classes; set model.num_classes={len(train.classes)}")
-    val = None
-    if (root / "val").is_dir():
-        try:
-            val = index_val(root, load_devkit(find_devkit(root, d.devkit)), train.classes)
-        except DataError as e:
-            raise DataError(f"validation set unusable: {e}") from None
-    else:
-        log.warning("%s has no val/ folder: no validation, best.pt is not written", root)
-    exclude = frozenset(load_exclusions(root, d.cache_dir, d.exclude_file))
-    return Data(train, val, exclude)
-
-
-def check_input_resources(cfg: Config, place: Placement, data: Data) -> None:
-    """Shared memory and locked memory for this node's input pipelines (`training.placement.check_node`)."""
-    from pipeline.dali import decoder_options, pinned_decoder_bytes
-
-    sample = mean_file_bytes(data.train.root, data.train.files)
-    pipelines = 1 + (data.val is not None)
-    shm = input_shm_bytes(place, cfg.train.batch_size, sample, cfg.data.prefetch, pipelines)
-    decoder = decoder_options(place.device, place.dali_threads, cfg.data.hw_decoder_load)
-    check_node(place, shm_needed=shm, pinned_needed=pipelines * pinned_decoder_bytes(decoder, place.dali_threads))
-
-
-def build_loaders(cfg: Config, place: Placement, data: Data) -> tuple[Any, Any | None]:
-    """The DALI train and val loaders of this rank (sharded by the global rank)."""
-    from pipeline.augment import AugmentSpec
-    from pipeline.loader import EvalLoader, TrainLoader
-
-    d = cfg.data
-    common = dict(rank=place.dist.rank, world_size=place.dist.world_size, device=place.device,
-                  device_id=place.gpu_index, dtype=d.dtype, layout=d.layout, threads=place.dali_threads,
-                  py_workers=place.py_workers, hw_decoder_load=d.hw_decoder_load, exclude=data.exclude)
-    train = TrainLoader(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed, sampling=d.sampling,
-                        samples_per_epoch=d.samples_per_epoch, aug=AugmentSpec.from_config(d), crop_size=d.crop_size,
-                        prefetch=d.prefetch, **common)
-    val = None
-    if data.val is not None:
-        val = EvalLoader(data.val, batch_size=cfg.train.batch_size, crop_size=d.crop_size, crop_ratio=d.eval_crop_ratio,
-                         **common)
-    return train, val
-
-
-def build_model(cfg: Config, device: torch.device) -> nn.Module:
-    """The model from the registry with the config's overrides, seeded so every run starts alike."""
-    from models import create_model, model_options
-
-    m = cfg.model
-    wanted = {"dropout": m.dropout, "zero_init_last_bn": m.zero_init_last_bn, "stride_in_1x1": m.stride_in_1x1,
-              "channels_last": m.channels_last and cfg.train.device == "gpu"}  # channels_last only pays on GPU
-    accepted = set(model_options(m.arch))
-    for key in ("dropout", "stride_in_1x1"):
-        if wanted[key] is not None and key not in accepted:
-            raise ConfigError(f"model.{key} = {wanted[key]!r} does not apply to model.arch = {m.arch!r}; set it to null")
-    overrides = {k: v for k, v in wanted.items() if v is not None and k in accepted}
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and in every run
-    model = create_model(m.arch, num_classes=m.num_classes, **overrides).to(device)
-    if overrides.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def build_run(cfg: Config, place: Placement, out: Path, data: Data, train_loader: Any, val_loader: Any | None,
-              control: RunControl, group: Any = None) -> Run:
-    """Model, DDP wrapper, optimizer, schedule, scaler and metrics log of this rank.
-
-    `group` is the host control group for agreements (`training.dist.control_group`; None = the world).
-    """
-    dist, device, precision = place.dist, place.torch_device, place.precision
-    model = build_model(cfg, device)
-    optimizer, kind = build_optimizer(model, cfg.optim, place.device)
-    train_model: nn.Module = model
-    if dist.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-        if device.type == "cpu":  # exact resume with any number of ranks (see ordered_mean_hook)
-            train_model.register_comm_hook(None, distmod.ordered_mean_hook)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} x {dist.world_size} ranks is larger than an "
-                          f"epoch's samples; lower train.batch_size or raise data.samples_per_epoch")
-    global_batch = cfg.train.batch_size * dist.world_size
-    schedule = LRSchedule(cfg.optim, global_batch, steps_per_epoch, cfg.train.epochs)
-    if dist.is_main:
-        log.info("%s on %s x %d (%s, %s), global batch %d, peak lr %.4g, %d steps/epoch, %d epochs, optimizer %s",
-                 cfg.model.arch, device.type, dist.world_size, precision.name, "DDP" if dist.distributed else "1 process",
-                 global_batch, schedule.peak, steps_per_epoch, cfg.train.epochs, kind)
-    return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
-               optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
-               val_loader=val_loader, classes=tuple(data.train.classes), log=MetricsLog(out / "metrics.jsonl", dist.is_main),
-               control=control, group=group)
-
-
+# -------------------------------------------------------------------------------------- checkpoints
 def write_run_files(r: Run) -> None:
     """The resolved config next to the checkpoints (rank 0)."""
     if r.place.dist.is_main:
         r.out.mkdir(parents=True, exist_ok=True)
-        (r.out / "config.yaml").write_text(dump_yaml(r.cfg))
+        (r.out / CONFIG).write_text(dump_yaml(r.cfg))
 
 
-# -------------------------------------------------------------------------------------- checkpoints
 def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
-    """The checkpoint dict (issue 5 item 3): state_dicts, counters, class list and resolved config."""
+    """The checkpoint dict: state_dicts, counters, class list and resolved config."""
     return {
         "format_version": FORMAT_VERSION,
         "model": r.model.state_dict(),  # unwrapped: no `module.` / `_orig_mod.` prefixes
@@ -545,7 +352,7 @@ def save_checkpoint(r: Run, state: TrainState) -> Path:
     The write time (fsync included) goes to metrics.jsonl as a `checkpoint` event: a Slurm job's
     signal delay and GraceTime must cover it.
     """
-    path = r.out / "checkpoints" / LAST
+    path = r.out / CHECKPOINTS / LAST
     if r.place.dist.is_main:
         start = time.perf_counter()
         atomic_save(checkpoint_state(r, state), path)

@@ -3,7 +3,8 @@
 Each rank is a fresh interpreter with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port), so DALI can start its Python workers
 before anything touches CUDA. When one rank fails the others are stopped and the first failure's
-status is returned; SIGTERM to the launcher is passed on to every rank.
+status is returned; SIGTERM to the launcher is passed on to every rank, and whatever a killed rank
+leaves behind (its DALI workers, adopted by the launcher) is ended once the ranks are gone.
 """
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import subprocess
 import time
 from typing import Mapping, Sequence
 
+from pipeline.processes import become_subreaper, child_pids, kill_children
+
 
 def launch_ranks(command: Sequence[str], nproc: int, extra_env: Mapping[str, str] | None = None) -> int:
     """Run `command` as ranks 0..nproc-1 on this machine; returns the first failure's status, else 0."""
     from training.dist import DistInfo, free_port
 
     port = free_port()
+    become_subreaper()  # a SIGKILLed rank's DALI workers are adopted by us, not by init
+    before = child_pids()
     procs: list[subprocess.Popen] = []
     for rank in range(nproc):
         info = DistInfo(rank=rank, local_rank=rank, world_size=nproc, local_world_size=nproc, master_port=port)
@@ -32,6 +37,7 @@ def launch_ranks(command: Sequence[str], nproc: int, extra_env: Mapping[str, str
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        kill_children(sorted(child_pids() - before))  # whatever the ranks left behind, once they are gone
 
 
 def wait_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> int:

@@ -1,6 +1,6 @@
 """SGD as in the SENet paper and its per-step learning-rate schedule.
 
-Recipe (design.md §4): momentum 0.9, weight decay 1e-4, LR 0.6 at batch 1024 scaled linearly to the
+Recipe (the SENet paper and its ILSVRC 2017 slides): momentum 0.9, weight decay 1e-4, LR 0.6 at batch 1024 scaled linearly to the
 global batch, divided by 10 every 30 epochs; optional linear warmup (large batches, Goyal et al. 2017),
 optional cosine decay instead of steps. The LR is a pure function of the optimizer step, so a resumed
 run needs only the step count.

@@ -55,19 +55,14 @@ def checkpoint_config(state: dict, checkpoint: str | Path) -> Config:
         raise CheckpointError(str(e)) from None
 
 
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict, Config]:
-    """The checkpoint's model in eval mode, rebuilt from the checkpoint's own resolved config.
-
-    Returns:
-        The model on `device`, the checkpoint dict and its config.
+def load_model(state: dict, cfg: Config, device: torch.device, checkpoint: str | Path) -> torch.nn.Module:
+    """The checkpoint's model in eval mode on `device`, built from its own resolved config `cfg`.
 
     Raises:
-        CheckpointError: unreadable, or its weights do not fit the architecture it names.
+        CheckpointError: its weights do not fit the architecture it names.
     """
-    from training.engine import build_model
+    from training.build import build_model
 
-    state = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(state, checkpoint)
     model = build_model(replace(cfg, train=replace(cfg.train, device="gpu" if device.type == "cuda" else "cpu")), device)
     try:
         model.load_state_dict(state["model"])
@@ -75,7 +70,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.M
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise CheckpointError(f"{checkpoint}: weights do not fit {state['arch']} with {state['num_classes']} classes "
                               f"({first})") from None
-    return model.eval(), state, cfg
+    return model.eval()
 
 
 def devkit_columns(classes: list[str], devkit: Devkit, checkpoint: str | Path) -> np.ndarray:
@@ -153,7 +148,7 @@ def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: P
     owns_group = distmod.init_distributed(replace(place, backend=CONTROL_BACKEND), PARTS_TIMEOUT_S)
     try:
         with loader:
-            model, _, _ = load_model(checkpoint, place.torch_device)
+            model = load_model(state, cfg, place.torch_device, checkpoint)
             positions, probs = score_shard(model, loader, cfg, place, columns, devkit.num_classes)
         parts.mkdir(parents=True, exist_ok=True)
         np.savez(parts / f"rank{place.dist.rank:05d}.npz", positions=positions, probs=probs)

@@ -3,7 +3,7 @@
 # slurmd "nodes" (node1, node2; 16 pretended CPUs and 8 fake GPUs each), all under .slurm-local/.
 # Idempotent: whatever already runs is kept; returns once both nodes answer, or fails with log tails.
 # Then `source .slurm-local/env` to use sinfo, sbatch, sacct... Stop and wipe it with down.sh.
-# Needs root (daemons, apt-get, /etc/hosts). The facts behind each choice: design.md §5.
+# Needs root (daemons, apt-get, /etc/hosts). Why each setting is what it is: the comments below and in slurm.conf.in.
 # Environment: SENET_SLURM_PORT_BASE (default 16817; 5 ports from there, see common.sh),
 # SENET_SLURM_DIR (default .slurm-local), SENET_SLURM_TIMEOUT (60 s), SENET_SLURM_GRACE_TIME (10 s).
 set -euo pipefail

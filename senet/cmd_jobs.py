@@ -1,7 +1,7 @@
 """`senet submit`, `senet jobs`, `senet logs`, `senet cancel`: training runs as Slurm jobs.
 
-Installed as the `slurm` group of pyproject's `senet.commands` entry points, so `training.cli` never
-imports this package. Slurm client commands read SLURM_CONF from the environment.
+The work is `slurm.launch` (run folder, sbatch parameters, submitit) and `slurm.queue` (squeue, sacct,
+scancel); Slurm's client commands read SLURM_CONF from the environment.
 """
 from __future__ import annotations
 
@@ -10,15 +10,21 @@ import sys
 import time
 from pathlib import Path
 
-from training.cli import Failure, write_json
+from senet.cli import Failure, UsageError, write_json
 from training.config import load_config
 
 POLL_S = 0.5  # --follow: how often logs and the job's state are read
+NOT_HERE = " (as this host sees it; --no-preflight submits anyway, for data that only the compute nodes see)"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from slurm import launch
+    from training.build import preflight
 
+    if args.resume:
+        return resubmit(args)
+    if not args.config:
+        raise UsageError("give a CONFIG to submit, or --resume RUN_DIR to continue a run")
     overrides = launch.apply_cli(args.set, args.nodes, args.gpus_per_node, args.partition, args.time, args.account,
                                  args.qos, args.out)
     cfg = load_config(args.config, overrides)
@@ -29,8 +35,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(launch.sbatch_script(cfg, run_dir), end="")
         print(f"# dry run: nothing submitted; the run folder would be {run_dir}", file=sys.stderr)
         return 0
-    if not Path(cfg.data.root).expanduser().is_dir():  # the job would fail minutes later in the queue
-        raise Failure(f"data.root = {cfg.data.root!r}: folder not found here; set data.root (--set data.root=DIR)")
+    if not args.no_preflight:  # what `senet train` would reject in its first second, refused before the queue
+        preflight(cfg, NOT_HERE)
     try:
         job = launch.submit(cfg, args.config, root, command=sys.argv)
     except launch.SubmitError as e:
@@ -43,6 +49,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
           f"{s.time_min} min per allocation")
     print(f"run folder: {job.run_dir}")
     print(f"logs:       {err} (rank 0; {out.name} for its stdout, {job.job_id}_<rank>_log.* for the others)")
+    print(f"follow it:  senet logs {job.job_id} --follow")
+    return 0
+
+
+def resubmit(args: argparse.Namespace) -> int:
+    """`senet submit --resume RUN_DIR`: the run folder's config and code, a new job resuming from its last.pt."""
+    from slurm import launch
+    from training.build import preflight
+    from training.config import load_config
+    from training.run_folder import CONFIG
+
+    given = [flag for flag, value in (("CONFIG", args.config), ("--set", args.set), ("--nodes", args.nodes),
+                                      ("--gpus-per-node", args.gpus_per_node), ("--out", args.out)) if value]
+    if given:
+        raise UsageError(f"--resume continues a run with the config it holds; drop {', '.join(given)}")
+    run_dir = Path(args.resume)
+    try:
+        if not args.no_preflight and (run_dir / CONFIG).is_file():
+            preflight(load_config(run_dir / CONFIG), NOT_HERE)
+        job, step = launch.resubmit(run_dir, command=sys.argv)
+    except launch.RunFolderError as e:
+        raise UsageError(str(e)) from None
+    except launch.SubmitError as e:
+        raise Failure(str(e)) from None
+    write_json(args.json, {"job_id": job.job_id, "run_dir": str(job.run_dir), "resumed_from_step": step})
+    print(f"submitted job {job.job_id}: continues {job.run_dir} from step {step} (its checkpoints/last.pt)")
     print(f"follow it:  senet logs {job.job_id} --follow")
     return 0
 
@@ -125,7 +157,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `submit`, `jobs`, `logs` and `cancel` to the `senet` parser."""
     p = sub.add_parser("submit", help="run a training config as a Slurm job (submitit; requeued on timeout/preemption)")
-    p.add_argument("config", help="YAML config; its `slurm` section sizes the job")
+    p.add_argument("config", nargs="?", help="YAML config; its `slurm` section sizes the job")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=3")
     p.add_argument("--out", metavar="ROOT", help="shared folder for the run folder (default slurm.output_root)")
     p.add_argument("--nodes", type=int, help="servers (slurm.nodes)")
@@ -135,6 +167,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--account", metavar="A", help="Slurm account (slurm.account)")
     p.add_argument("--qos", metavar="Q", help="Slurm QOS (slurm.qos)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run of this run folder (its job has ended) from "
+                   "its last.pt, with its own config and code")
+    p.add_argument("--no-preflight", action="store_true", help="skip the checks of data.root, the model and the "
+                   "class count on this host (for data that only the compute nodes see)")
     p.add_argument("--json", metavar="F", help="write {job_id, run_dir} as JSON")
     p.set_defaults(func=cmd_submit)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.cli import UsageError, progress_bar, write_json
+from pipeline.datasets import DEFAULT_CACHE_DIR
+from senet.cli import UsageError, progress_bar, write_json
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
@@ -87,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="pre-flight scan: counts, undecodable files, devkit consistency")
     p.add_argument("root", help="ILSVRC2012 root or folder of class folders")
     p.add_argument("--devkit", help="devkit folder (default ROOT/ILSVRC2012_devkit_t12)")
-    p.add_argument("--cache-dir", default="~/.cache/senet", help="data.cache_dir: where the exclusion list is kept")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="data.cache_dir: where the exclusion list is kept")
     p.add_argument("--exclude-out", help="also write the exclusion list here")
     p.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
     p.add_argument("--json", help="write the report as JSON")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.cli import Failure, UsageError, write_json
+from senet.cli import Failure, UsageError, write_json
 
 
 def cmd_complexity(args: argparse.Namespace) -> int:

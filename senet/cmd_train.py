@@ -3,7 +3,7 @@
 `senet train CONFIG --nproc N` starts N local processes of itself, each with torchrun's variables
 (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port), so each is
 exactly what torchrun or a Slurm task would start: a fresh interpreter, which also lets DALI start its
-Python workers before anything touches CUDA. `torchrun --nproc-per-node N -m training train CONFIG`
+Python workers before anything touches CUDA. `torchrun --nproc-per-node N -m senet train CONFIG`
 works the same way. If one process fails, the others are stopped and the first failure's status is
 returned; SIGTERM to the launcher is passed on, and each rank answers it with a checkpoint and a
 clean stop at the next agreed step boundary.
@@ -13,29 +13,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from training.cli import Failure, UsageError, write_json
+from senet.cli import Failure, UsageError, write_json
 from training.config import Config, ConfigError, load_config
+from training.run_folder import default_out, save_given_config
 
 log = logging.getLogger("senet.train")
 
 WORKER_ENV = "SENET_TRAIN_WORKER"  # set for processes started by --nproc (they never launch further ones)
-GIVEN_CONFIG = "config.given.yaml"  # the config file as the user wrote it; config.yaml is the resolved one
-
-
-def default_out(config: str) -> Path:
-    """runs/<config name>: a rerun of the same command resumes the same run."""
-    return Path("runs") / Path(config).stem
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.engine import preflight
+    from training.build import preflight
 
     cfg = load_config(args.config, args.set)
     preflight(cfg)
@@ -57,15 +49,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_here(cfg, out, args.resume)
 
 
-def save_given_config(config: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config, out / GIVEN_CONFIG)
-
-
 def train_here(cfg: Config, out: Path, resume: str) -> int:
     """Run this process as one rank (from the environment) and print the summary on rank 0."""
     from training.checkpoint import CheckpointError
-    from training.engine import NonFiniteLoss, RunControl, run
+    from training.control import RunControl
+    from training.engine import NonFiniteLoss, run
     from training.placement import place_run
 
     place = place_run(cfg)
@@ -94,22 +82,18 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
 
 def launch_local(args: argparse.Namespace, out: Path) -> int:
     """Start `--nproc` ranks of this command on this machine and wait for them."""
-    from pipeline.processes import become_subreaper, kill_children
     from training.launch import launch_ranks
 
-    command = [sys.executable, "-m", "training", "train", args.config, "--out", str(out), "--resume", args.resume]
+    command = [sys.executable, "-m", "senet", "train", args.config, "--out", str(out), "--resume", args.resume]
     for item in args.set:
         command += ["--set", item]
-    become_subreaper()
-    try:
-        return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
-    finally:
-        kill_children()  # whatever a killed rank left behind (its DALI workers) was adopted by us
+    return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
 
 
 # ---------------------------------------------------------------------------------------- bench-train
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from training.engine import preflight
+    from training.build import preflight
+    from training.throughput import bench_train
 
     cfg = load_config(args.config, args.set)
     preflight(cfg)
@@ -122,80 +106,6 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
           f"synthetic {result['synthetic_step_s'] * 1e3:.1f} ms/step ({result['synthetic_images_per_s']:.0f} img/s); "
           f"data-stall fraction {result['data_stall_fraction']:.1%} (time waiting for batches {result['data_wait_fraction']:.1%})")
     return 0
-
-
-def bench_train(cfg: Config, batches: int, warmup: int = 3) -> dict[str, Any]:
-    """Step time with real DALI batches vs one synthetic batch resident on the device (one process).
-
-    The data-stall fraction is 1 - synthetic / real step time: the share of a real step that the
-    input pipeline adds. Both loops are the engine's own `train_step` on the same model.
-    """
-    import torch
-
-    from training import dist as distmod
-    from training import engine
-    from training.dist import DistInfo
-    from training.optim import LRSchedule, build_optimizer
-    from training.placement import place_run
-
-    place = place_run(cfg, DistInfo())
-    engine.configure_process(place)
-    data = engine.load_data(cfg)
-    loader, _ = engine.build_loaders(cfg, place, engine.Data(data.train, None, data.exclude))
-    try:
-        distmod.init_distributed(place, cfg.train.dist_timeout_s)  # selects the GPU; one process: no group
-        device, precision = place.torch_device, place.precision
-        model = engine.build_model(cfg, device)
-        optimizer, _ = build_optimizer(model, cfg.optim, place.device)
-        for group in optimizer.param_groups:
-            group["lr"] = LRSchedule(cfg.optim, cfg.train.batch_size, 1, 1).peak
-        scaler = precision.grad_scaler()
-        if cfg.train.compile:
-            model = torch.compile(model)
-        model.train()
-        step = lambda x, y: engine.train_step(model, x, y, optimizer, scaler, precision, cfg.optim.label_smoothing)  # noqa: E731
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        epoch = 0
-        loader.set_epoch(epoch)
-        it, wait, fixed = iter(loader), 0.0, None
-        for n in range(warmup + batches):
-            if n == warmup:
-                sync()
-                start, wait = time.perf_counter(), 0.0
-            t0 = time.perf_counter()
-            batch = next(it, None)
-            if batch is None:  # a short epoch: continue with the next one
-                epoch += 1
-                loader.set_epoch(epoch)
-                it = iter(loader)
-                batch = next(it)
-            wait += time.perf_counter() - t0
-            x, y = engine.prepare_batch(*batch, precision, cfg.data.layout)
-            fixed = fixed or (x.clone(), y.clone())
-            step(x, y)
-        sync()
-        real = (time.perf_counter() - start) / batches
-
-        for n in range(warmup + batches):
-            if n == warmup:
-                sync()
-                start = time.perf_counter()
-            step(*fixed)
-        sync()
-        synthetic = (time.perf_counter() - start) / batches
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    finally:
-        loader.close()
-    b = cfg.train.batch_size
-    return {"arch": cfg.model.arch, "device": place.device, "precision": precision.name, "batch_size": b,
-            "channels_last": bool(cfg.model.channels_last and place.device == "gpu"), "layout": cfg.data.layout,
-            "compile": cfg.train.compile, "batches": batches, "crop_size": cfg.data.crop_size, "real_step_s": real,
-            "synthetic_step_s": synthetic, "real_images_per_s": b / real, "synthetic_images_per_s": b / synthetic,
-            "data_stall_fraction": max(0.0, 1.0 - synthetic / real), "data_wait_fraction": wait / (real * batches),
-            "max_memory_gib": peak, "placement": place.describe()}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

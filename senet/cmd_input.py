@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from training.cli import UsageError, write_json
+from senet.cli import UsageError, add_exclusion_options, write_json
 
 
 def _index(args: argparse.Namespace):
@@ -103,8 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="store_true", help="also time the PIL DataLoader baseline")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a bar chart (PNG) here")
-    p.add_argument("--cache-dir", default="~/.cache/senet", help="data.cache_dir: check-data's exclusion list is read there")
-    p.add_argument("--exclude", help="extra exclusion list (tree-relative paths)")
+    add_exclusion_options(p)
     p.set_defaults(func=cmd_bench_input)
 
     p = sub.add_parser("preview-augment", help="a grid of augmented training samples")
@@ -113,6 +112,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=16, help="samples in the grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop-size", type=int, default=224)
-    p.add_argument("--cache-dir", default="~/.cache/senet", help="data.cache_dir: check-data's exclusion list is read there")
-    p.add_argument("--exclude", help="extra exclusion list (tree-relative paths)")
+    add_exclusion_options(p)
     p.set_defaults(func=cmd_preview_augment)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.devkit import load_devkit, read_ground_truth
-from training.cli import Failure, UsageError, write_json
+from senet.cli import Failure, UsageError, add_exclusion_options, write_json
 from training.submission import ensemble, load_scores, read_submission, score, top_ids, write_submission
 
 
@@ -21,7 +21,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.nproc > 1 and not in_job:
             from training.launch import launch_ranks
 
-            return launch_ranks([sys.executable, "-m", "training", *_predict_argv(args)], args.nproc)
+            return launch_ranks([sys.executable, "-m", "senet", *_predict_argv(args)], args.nproc)
         return predict_here(args)
     except CheckpointError as e:
         raise Failure(str(e)) from None
@@ -104,8 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1, help="local processes, each scoring a contiguous shard")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--scores", help="also save the probabilities (.npy, images x classes, devkit-ID columns)")
-    p.add_argument("--cache-dir", default="~/.cache/senet", help="data.cache_dir, where check-data's exclusion list is")
-    p.add_argument("--exclude", help="extra exclusion list (file names or tree-relative paths)")
+    add_exclusion_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 error of a submission file, as the challenge scores it")

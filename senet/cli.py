@@ -1,4 +1,4 @@
-"""The `senet` command (also `python -m training`): one subcommand per user task.
+"""The `senet` command (also `python -m senet`): one subcommand per user task.
 
 Each command prints a short human summary; `--json FILE` writes machine-readable results. Errors are
 one line naming the file, key or value: exit 2 for usage and configuration errors, 1 for failures.
@@ -44,6 +44,15 @@ def progress_bar(quiet: bool, desc: str) -> Callable[..., Iterator]:
     return wrap
 
 
+def add_exclusion_options(p: argparse.ArgumentParser) -> None:
+    """--cache-dir and --exclude: where check-data's exclusion list is read, and one more list to honour."""
+    from pipeline.datasets import DEFAULT_CACHE_DIR
+
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="data.cache_dir: check-data's exclusion list is read "
+                   "there")
+    p.add_argument("--exclude", help="extra exclusion list (file names or tree-relative paths)")
+
+
 def write_json(path: str | None, data: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -51,22 +60,16 @@ def write_json(path: str | None, data: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------- parser
-COMMAND_GROUP = "senet.commands"  # entry points: each names a `register(subparsers)` function
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The `senet` parser with every command group installed (see pyproject's senet.commands).
-
-    Groups are entry points so that `slurm` can add `submit` without `training` importing `slurm`.
-    """
-    from importlib.metadata import entry_points
+    """The `senet` parser with every command group installed, in the order `senet --help` lists them."""
+    from senet import cmd_data, cmd_input, cmd_jobs, cmd_models, cmd_submission, cmd_train
 
     parser = argparse.ArgumentParser(prog="senet", description="Squeeze-and-Excitation networks: data, training, "
                                      "Slurm jobs and ILSVRC submissions.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
-        ep.load()(sub)
+    for group in (cmd_data, cmd_input, cmd_train, cmd_jobs, cmd_submission, cmd_models):
+        group.register(sub)
     return parser
 
 

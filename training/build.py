@@ -1,0 +1,264 @@
+"""Build, then fit: `build` assembles a run (the `Run` the loop trains) from a placement, a config and
+whatever parts the caller brings; `training.engine.fit` trains it.
+
+    r = build(cfg, place_run(cfg), Path("runs/x"))                  # everything from the config
+    r = build(cfg, place, out, data=Data(classes), loaders=(ResidentLoader(x, y, 32), None))  # own parts
+    try:
+        summary = fit(r, resume="auto")
+    finally:
+        r.close()                                                    # loaders, process group
+
+The order matters and lives here only: the process's threads are set, the data indexed, the node's
+resources checked and the DALI loaders started (their Python workers fork now, before anything
+touches CUDA), then the GPU is selected and the process group joined, and only then the model,
+its DDP wrapper, the optimizer, the schedule and the metrics log are made.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from training import dist as distmod
+from training.config import Config, ConfigError
+from training.control import RunControl
+from training.metrics import MetricsLog
+from training.optim import LRSchedule, build_optimizer
+from training.placement import Placement, check_node, input_shm_bytes, mean_file_bytes
+from training.precision import Precision
+from training.run_folder import METRICS
+
+log = logging.getLogger("senet.train")
+
+
+@dataclass
+class Run:
+    """Everything a step needs, built once by `build` (not an `args` bag: fixed fields, typed)."""
+
+    cfg: Config
+    place: Placement
+    out: Path
+    device: torch.device
+    precision: Precision
+    model: nn.Module  # the unwrapped model: what checkpoints hold
+    train_model: nn.Module  # DDP / compiled wrapper used for training steps
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: LRSchedule
+    train_loader: Any
+    val_loader: Any | None
+    classes: tuple[str, ...]
+    log: MetricsLog
+    control: RunControl
+    group: Any  # host control group for agreements (None = the world group, or a single process)
+    closers: list[Callable[[], None]] = field(default_factory=list)  # what `build` started, undone by `close`
+
+    def close(self) -> None:
+        """Stop what `build` started (the loaders it made, the process group it joined), once."""
+        closers, self.closers = self.closers, []
+        for close in reversed(closers):
+            close()
+
+
+@dataclass(frozen=True)
+class Data:
+    """The class list (index -> WNID) and, unless the caller brings its own loaders, the images."""
+
+    classes: tuple[str, ...]
+    train: Any | None = None  # pipeline.datasets.ImageIndex
+    val: Any | None = None  # ImageIndex with devkit labels, or None when the tree has no val/devkit
+    exclude: frozenset[str] = frozenset()
+
+
+def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl | None = None, data: Data | None = None,
+          loaders: tuple[Any, Any | None] | None = None, model: nn.Module | None = None) -> Run:
+    """Assemble a run of `cfg` for this process: parts the caller gives are used as they are.
+
+    Args:
+        cfg: the resolved configuration.
+        place: where this process runs (`training.placement.place_run(cfg)`).
+        out_dir: the run folder (checkpoints, metrics, curves, config).
+        control: checkpoint/stop requests from outside the loop; None = never asked.
+        data: the class list and images (default: indexed from `data.root`).
+        loaders: (train, val or None), each with the TrainLoader / EvalLoader interface (default: DALI
+            loaders of `data`; any other loader, e.g. `pipeline.loader.ResidentLoader`, works).
+        model: the unwrapped model (default: the registry's `model.arch`); moved to the device here.
+
+    Raises:
+        ConfigError: inconsistent configuration; PlacementError (a ConfigError): the node cannot host
+            this rank as configured; DataError: unreadable data.
+    """
+    configure_process(place)
+    if place.is_main:
+        log.info("placement: %s", place.describe())
+    data = data or load_data(cfg)
+    closers: list[Callable[[], None]] = []
+    try:
+        if loaders is None:
+            check_input_resources(cfg, place, data)
+            loaders = build_loaders(cfg, place, data)  # before CUDA/NCCL: DALI forks its Python workers
+            closers += [loader.close for loader in loaders if loader is not None]
+        train_loader, val_loader = loaders
+        if distmod.init_distributed(place, cfg.train.dist_timeout_s):
+            closers.append(distmod.teardown_distributed)
+        group = distmod.control_group(place.backend)
+        distmod.check_distinct_gpus(place, group)
+        return _assemble(cfg, place, Path(out_dir), data, train_loader, val_loader, model, control or RunControl(),
+                         group, closers)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+
+
+def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader: Any, val_loader: Any | None,
+              model: nn.Module | None, control: RunControl, group: Any, closers: list[Callable[[], None]]) -> Run:
+    """Model, DDP wrapper, optimizer, schedule, scaler and metrics log of this rank."""
+    dist, device, precision = place.dist, place.torch_device, place.precision
+    model = build_model(cfg, device) if model is None else model.to(device)
+    optimizer, kind = build_optimizer(model, cfg.optim, place.device)
+    train_model: nn.Module = model
+    if dist.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        if device.type == "cpu":  # exact resume with any number of ranks (see ordered_mean_hook)
+            train_model.register_comm_hook(None, distmod.ordered_mean_hook)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} x {dist.world_size} ranks is larger than an "
+                          f"epoch's samples; lower train.batch_size or raise data.samples_per_epoch")
+    global_batch = cfg.train.batch_size * dist.world_size
+    schedule = LRSchedule(cfg.optim, global_batch, steps_per_epoch, cfg.train.epochs)
+    if dist.is_main:
+        log.info("%s on %s x %d (%s, %s), global batch %d, peak lr %.4g, %d steps/epoch, %d epochs, optimizer %s",
+                 cfg.model.arch, device.type, dist.world_size, precision.name, "DDP" if dist.distributed else "1 process",
+                 global_batch, schedule.peak, steps_per_epoch, cfg.train.epochs, kind)
+    return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
+               optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
+               val_loader=val_loader, classes=tuple(data.classes), log=MetricsLog(out / METRICS, dist.is_main),
+               control=control, group=group, closers=closers)
+
+
+def preflight(cfg: Config, root_hint: str = "") -> None:
+    """Cheap checks that should fail before any process starts (or any job queues), as one line naming the key.
+
+    Cheap on a login node too: the class folders are counted, never the images.
+
+    Args:
+        cfg: the resolved configuration.
+        root_hint: appended to the message about a missing data.root (e.g. how to skip the check).
+
+    Raises:
+        ConfigError: data.root missing, unknown model, or model.num_classes != number of class folders.
+    """
+    from models import list_models
+
+    root = Path(cfg.data.root).expanduser()
+    if not cfg.data.root or not root.is_dir():
+        raise ConfigError(f"data.root = {cfg.data.root!r}: folder not found; set data.root in the config or "
+                          f"--set data.root=DIR (a tree from `senet make-synthetic` works){root_hint}")
+    if cfg.model.arch not in list_models():
+        raise ConfigError(f"model.arch = {cfg.model.arch!r} is not a registered model; known: {', '.join(list_models())}")
+    if cfg.data.file_list is None:
+        folder = root / "train" if (root / "train").is_dir() else root
+        classes = sum(1 for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
+        if classes and classes != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but {folder} has {classes} class folders; "
+                              f"set model.num_classes={classes}")
+    if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
+        log.warning("fp16 autocast on the CPU is slow and rarely useful; bf16 or fp32 are the usual CPU choices")
+
+
+def configure_process(place: Placement) -> None:
+    """Threads and determinism settings of this rank (nothing here touches CUDA)."""
+    torch.set_num_threads(place.torch_threads)
+    if place.device == "gpu":
+        torch.backends.cudnn.benchmark = True  # fastest kernels; GPU runs are not promised bit-exact
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # the CPU resume test compares bits
+
+
+def load_data(cfg: Config) -> Data:
+    """Index the training and validation images and read the exclusion list (check-data's and the config's).
+
+    Raises:
+        ConfigError: model.num_classes differs from the data's classes. DataError: unreadable data.
+    """
+    from pipeline.datasets import index_file_list, index_train, index_val, load_exclusions
+    from pipeline.devkit import find_devkit, load_devkit
+    from pipeline.errors import DataError
+
+    d = cfg.data
+    root = Path(d.root).expanduser()
+    if d.file_list:
+        train = index_file_list(root / d.file_list, root)
+    else:
+        train = index_train(root, d.cache_dir)
+    if cfg.model.num_classes != len(train.classes):
+        raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but the training data has "
+                          f"{len(train.classes)} classes; set model.num_classes={len(train.classes)}")
+    val = None
+    if (root / "val").is_dir():
+        try:
+            val = index_val(root, load_devkit(find_devkit(root, d.devkit)), train.classes)
+        except DataError as e:
+            raise DataError(f"validation set unusable: {e}") from None
+    else:
+        log.warning("%s has no val/ folder: no validation, best.pt is not written", root)
+    exclude = frozenset(load_exclusions(root, d.cache_dir, d.exclude_file))
+    return Data(tuple(train.classes), train, val, exclude)
+
+
+def check_input_resources(cfg: Config, place: Placement, data: Data) -> None:
+    """Shared memory and locked memory for this node's input pipelines (`training.placement.check_node`)."""
+    from pipeline.dali import decoder_options, pinned_decoder_bytes
+
+    sample = mean_file_bytes(data.train.root, data.train.files)
+    pipelines = 1 + (data.val is not None)
+    shm = input_shm_bytes(place, cfg.train.batch_size, sample, cfg.data.prefetch, pipelines)
+    decoder = decoder_options(place.device, place.dali_threads, cfg.data.hw_decoder_load)
+    check_node(place, shm_needed=shm, pinned_needed=pipelines * pinned_decoder_bytes(decoder, place.dali_threads))
+
+
+def build_loaders(cfg: Config, place: Placement, data: Data) -> tuple[Any, Any | None]:
+    """The DALI train and val loaders of this rank (sharded by the global rank)."""
+    from pipeline.augment import AugmentSpec
+    from pipeline.loader import EvalLoader, TrainLoader
+
+    d = cfg.data
+    common = dict(rank=place.dist.rank, world_size=place.dist.world_size, device=place.device,
+                  device_id=place.gpu_index, dtype=d.dtype, layout=d.layout, threads=place.dali_threads,
+                  py_workers=place.py_workers, hw_decoder_load=d.hw_decoder_load, exclude=data.exclude)
+    train = TrainLoader(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed, sampling=d.sampling,
+                        samples_per_epoch=d.samples_per_epoch, aug=AugmentSpec.from_config(d), crop_size=d.crop_size,
+                        prefetch=d.prefetch, **common)
+    val = None
+    if data.val is not None:
+        val = EvalLoader(data.val, batch_size=cfg.train.batch_size, crop_size=d.crop_size, crop_ratio=d.eval_crop_ratio,
+                         **common)
+    return train, val
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The model from the registry with the config's overrides, seeded so every run starts alike."""
+    from models import create_model, model_options
+
+    m = cfg.model
+    wanted = {"dropout": m.dropout, "zero_init_last_bn": m.zero_init_last_bn, "stride_in_1x1": m.stride_in_1x1,
+              "channels_last": m.channels_last and cfg.train.device == "gpu"}  # channels_last only pays on GPU
+    accepted = set(model_options(m.arch))
+    for key in ("dropout", "stride_in_1x1"):
+        if wanted[key] is not None and key not in accepted:
+            raise ConfigError(f"model.{key} = {wanted[key]!r} does not apply to model.arch = {m.arch!r}; set it to null")
+    overrides = {k: v for k, v in wanted.items() if v is not None and k in accepted}
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and in every run
+    model = create_model(m.arch, num_classes=m.num_classes, **overrides).to(device)
+    if overrides.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    return model

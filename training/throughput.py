@@ -1,0 +1,81 @@
+"""`senet bench-train`: step time with real DALI batches against a synthetic batch resident on the device.
+
+The data-stall fraction is ``1 - synthetic / real`` step time: the share of a real step that the input
+pipeline adds (the GPU waiting for data, or the host busy feeding it). Both loops are the engine's own
+`train_step` on the same run, built by `training.build.build` (one process); the synthetic side is a
+`pipeline.loader.ResidentLoader` holding the first real batch, so it costs nothing to produce.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.loader import ResidentLoader, endless
+from training.build import Run, build, load_data
+from training.config import Config
+from training.dist import DistInfo
+from training.engine import prepare_batch, train_step
+from training.placement import place_run
+
+
+def bench_train(cfg: Config, batches: int, warmup: int = 3) -> dict[str, Any]:
+    """Real vs synthetic images/s of `cfg`'s model on this process's device (see the module docstring).
+
+    Returns:
+        arch, device, precision, batch_size, channels_last, layout, compile, batches, crop_size,
+        real/synthetic step_s and images_per_s, data_stall_fraction, data_wait_fraction (time blocked
+        in the loader), max_memory_gib (GPU) and the placement.
+    """
+    place = place_run(cfg, DistInfo())  # one process, whatever launched us
+    data = load_data(cfg)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
+        r = build(cfg, place, Path(out), data=replace(data, val=None))
+        try:
+            for group in r.optimizer.param_groups:
+                group["lr"] = r.schedule.peak
+            r.train_model.train()
+            if r.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(r.device)
+            real = endless(r.train_loader)
+            first = next(real)
+            images, labels = prepare_batch(*first, r.precision, cfg.data.layout)
+            resident = ResidentLoader(images.clone(), labels.clone(), cfg.train.batch_size)
+            real_s, wait = time_steps(r, _chain(first, real), batches, warmup, cfg.data.layout)
+            synthetic_s, _ = time_steps(r, endless(resident), batches, warmup, "NCHW")  # already the model's input
+            peak = torch.cuda.max_memory_allocated(r.device) / 2**30 if r.device.type == "cuda" else None
+        finally:
+            r.close()
+    b = cfg.train.batch_size
+    return {"arch": cfg.model.arch, "device": place.device, "precision": place.precision.name, "batch_size": b,
+            "channels_last": bool(cfg.model.channels_last and place.device == "gpu"), "layout": cfg.data.layout,
+            "compile": cfg.train.compile, "batches": batches, "crop_size": cfg.data.crop_size, "real_step_s": real_s,
+            "synthetic_step_s": synthetic_s, "real_images_per_s": b / real_s, "synthetic_images_per_s": b / synthetic_s,
+            "data_stall_fraction": max(0.0, 1.0 - synthetic_s / real_s), "data_wait_fraction": wait / (real_s * batches),
+            "max_memory_gib": peak, "placement": place.describe()}
+
+
+def time_steps(r: Run, batches: Iterator[Any], count: int, warmup: int, layout: str) -> tuple[float, float]:
+    """Seconds per step over `count` engine steps after `warmup` ones, and the seconds spent waiting in `next`."""
+    sync = torch.cuda.synchronize if r.device.type == "cuda" else (lambda: None)
+    wait, start = 0.0, 0.0
+    for n in range(warmup + count):
+        if n == warmup:
+            sync()
+            start, wait = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        images, labels = prepare_batch(*batch, r.precision, layout)
+        train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)
+    sync()
+    return (time.perf_counter() - start) / count, wait
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
