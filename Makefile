@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,tensorboard]'
 	touch $@
 
 # The local Slurm cluster is started for the tests and always stopped again, keeping pytest's status
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 test: install slurm-up
 	$(PY) -m pytest -q tests; status=$$?; $(MAKE) -s slurm-down; exit $$status
 
-# The whole story on synthetic data, CPU only, about 10 minutes; everything lands in demo/ (REPORT.md first).
+# The whole story on synthetic data, CPU only, about 5 minutes; everything lands in demo/ (REPORT.md first).
 DATA := $(DEMO)/data
 KIT := $(DATA)/ILSVRC2012_devkit_t12
 demo: install
@@ -38,9 +38,11 @@ demo: install
 	$(SENET) predict $(DEMO)/run/checkpoints/best.pt $(DATA)/test --devkit $(KIT) --out $(DEMO)/submission.txt --cache-dir $(DEMO)/cache
 	$(SENET) bench-input $(DATA) --threads 2 --py-workers 1 --batch-size 32 --batches 40 --baseline --cache-dir $(DEMO)/cache --json $(DEMO)/bench.json --plot $(DEMO)/bench.png
 	$(MAKE) -s slurm-up
-	. .slurm-local/env && $(SENET) submit configs/demo.yaml --json $(DEMO)/slurm.json \
+	@# The local run again as a Slurm job (2 nodes x 1 task), preempted mid-run by the urgent partition:
+	@# it must resume and end bit-identical to demo/run (demo/resume.json).
+	. .slurm-local/env && $(SENET) demo-preemption configs/demo.yaml --reference $(DEMO)/run --out $(DEMO) \
 	  && job=$$($(PY) -c "import json; print(json.load(open('$(DEMO)/slurm.json'))['job_id'])") \
-	  && $(SENET) logs $$job --follow > $(DEMO)/slurm_rank0.log; status=$$?; $(MAKE) -s slurm-down; exit $$status
+	  && $(SENET) logs $$job > $(DEMO)/slurm_rank0.log; status=$$?; $(MAKE) -s slurm-down; exit $$status
 	$(SENET) report $(DEMO)
 	@echo "demo results are in $(DEMO)/ - start with $(DEMO)/REPORT.md"
 

@@ -28,7 +28,7 @@ from PIL import Image
 from pipeline.bench import (STAGES, BenchSpec, baseline_batches, images_per_second, measure_baseline, measure_stage,
                             stage_batches)
 from pipeline.datasets import index_train
-from pipeline.synthetic import JPEG_QUALITY, class_looks, encode, render
+from pipeline.synthetic import JPEG_QUALITY, MAX_CLASSES, class_looks, encode, render
 from training.placement import place
 
 SIZES = ((500, 375), (375, 500))  # ImageNet's most common landscape and portrait shapes
@@ -50,8 +50,8 @@ def make_imagenet_like(root: Path, classes: int, per_class: int) -> Path:
     done = root / "done.txt"
     if done.exists():
         return root
-    looks = class_looks(classes)
-    jobs = [(str(root / "train" / f"n{c:08d}"), c, per_class, looks[c]) for c in range(classes)]
+    looks = class_looks(min(classes, MAX_CLASSES))  # throughput does not need distinct classes
+    jobs = [(str(root / "train" / f"n{c:08d}"), c, per_class, looks[c % len(looks)]) for c in range(classes)]
     with ProcessPoolExecutor(2) as pool:
         list(pool.map(_write_class, jobs))
     done.write_text(f"{classes} classes x {per_class} images, quality {JPEG_QUALITY}\n")

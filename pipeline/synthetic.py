@@ -1,11 +1,19 @@
 """`senet make-synthetic`: a small, learnable data set in the exact ILSVRC2012 layout.
 
-Each class is a combination of a shape (drawn many times, at random places, sizes and colours, so
-that even an 8 % random crop shows it), a background texture, a fill style and a size; the colours
-are random per image, so colour jitter cannot erase the class and colour alone cannot reveal it.
-Every feature survives a mirror flip and a +-10 degree rotation (no class differs from another by
-handedness or by a small tilt). The devkit is written like the real one: leaf ILSVRC2012_IDs 1..K
-are assigned in a shuffled WNID order, and non-leaf synsets with IDs above K group the leaves.
+A class is a motif (a shape) and a background texture, at LARGE scale, because training crops are
+small and random: RandomResizedCrop keeps 8-100 % of the area and the network sees it at 48-224 px.
+So the motif is drawn on a jittered grid covering the whole image, 3 to 4 motifs per short side (a
+motif is about a sixth of the short side across): any crop of 8 % of the area holds about one motif,
+and the whole image squeezed into 48 px still shows each motif some 8 px across. The background's
+texture has a period of about a fifth of the short side, never a few pixels that downscaling erases.
+Colours are random per image (colour jitter cannot erase the class, colour alone cannot reveal it),
+and each image carries clutter: lines and blobs of random colours at random places. Every feature
+survives a mirror flip and a +-10 degree rotation (no class differs from another by handedness or a
+small tilt). Beyond the first 40 classes the motifs are drawn as outlines (thick ones, that survive
+downscaling).
+
+The devkit is written like the real one: leaf ILSVRC2012_IDs 1..K are assigned in a shuffled WNID
+order, and non-leaf synsets with IDs above K group the leaves.
 """
 from __future__ import annotations
 
@@ -24,12 +32,15 @@ from pipeline.devkit import DEVKIT_DIRNAME, Synset, write_devkit
 from pipeline.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "horizontal bar", "vertical bar")
-# Textures survive flips, +-10 degree tilts and the zoom of random-size crops (none differs from another by scale).
-BACKGROUNDS = ("plain", "horizontal stripes", "vertical stripes", "checkerboard", "dots", "grid", "crosshatch",
-               "concentric rings", "diamond lattice")
+# Textures that survive flips, +-10 degree tilts and the zoom of random-size crops (none differs from another by scale).
+BACKGROUNDS = ("plain", "horizontal stripes", "vertical stripes", "checkerboard", "dots")
 FILLS = ("solid", "outlined")
-SIZES = ("small", "large")
-MAX_CLASSES = len(SHAPES) * len(BACKGROUNDS) * len(FILLS) * len(SIZES)
+MAX_CLASSES = len(SHAPES) * len(BACKGROUNDS) * len(FILLS)
+MOTIFS_PER_SIDE = (3.2, 4.2)  # grid cells along the short side: a motif every 24-31 % of it
+MOTIF_DIAMETER = (0.55, 0.7)  # of the grid cell
+TEXTURE_PERIOD = (4.5, 6.0)  # periods along the short side
+CLUTTER = (3, 7)  # random lines and blobs per image
+PATTERN_CONTRAST = (90, 130)  # grey levels between background and its texture: a texture as clear as the motifs
 # Kinds of planted files: the first two are undecodable (to be reported and excluded), the rest are
 # odd but valid, as in real ImageNet train (CMYK JPEGs, one PNG named .JPEG, grayscale images).
 CORRUPT_KINDS = ("truncated", "zero_bytes", "png_as_jpeg", "cmyk", "grayscale")
@@ -40,16 +51,15 @@ MANIFEST = "synthetic.json"
 
 @dataclass(frozen=True)
 class ClassLook:
-    """What makes a class: independent of colour, flips and small rotations."""
+    """What makes a class: independent of colour, flips, small rotations and the crop's zoom."""
 
     shape: str
     background: str
-    fill: str
-    size: str
+    fill: str = "solid"
 
     @property
     def words(self) -> str:
-        return f"{self.size} {self.fill} {self.shape} on {self.background}"
+        return f"{self.fill} {self.shape} on {self.background}"
 
 
 @dataclass(frozen=True)
@@ -85,30 +95,31 @@ class SyntheticSpec:
 def class_looks(n: int) -> list[ClassLook]:
     """The first n looks, the most distinct first.
 
-    Large solid shapes come first; within each (size, fill) block the k-th look pairs shape k % 8 with
-    background k % 9 (8 and 9 are coprime, so the 72 pairs are all distinct): the first nine looks all
-    differ in background texture (learnt first) and the first eight in shape too.
+    The k-th solid look pairs shape k % 8 with background k % 5 (8 and 5 are coprime, so the 40 pairs
+    are all distinct): the first five looks differ in background and shape, the first eight in shape.
+    Outlined looks follow the 40 solid ones.
     """
-    blocks = [(size, fill) for size in reversed(SIZES) for fill in FILLS]  # large before small: easier to learn
     pairs = [(SHAPES[k % len(SHAPES)], BACKGROUNDS[k % len(BACKGROUNDS)]) for k in range(len(SHAPES) * len(BACKGROUNDS))]
-    looks = [ClassLook(shape, bg, fill, size) for size, fill in blocks for shape, bg in pairs]
-    return looks[:n]
+    return [ClassLook(shape, bg, fill) for fill in FILLS for shape, bg in pairs][:n]
 
 
 def render(look: ClassLook, rng: np.random.Generator, min_side: int = 200, max_side: int = 500) -> Image.Image:
-    """One RGB image of a class, with random size, colours, positions, scales and noise."""
+    """One RGB image of a class, with random size, colours, motif placement, clutter and noise."""
     w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
     bg, fg, pattern = _palette(rng)
     img = Image.new("RGB", (w, h), bg)
     draw = ImageDraw.Draw(img)
-    _draw_background(draw, look.background, w, h, pattern, rng)
     side = min(w, h)
-    lo, hi = (0.10, 0.15) if look.size == "small" else (0.20, 0.28)  # diameter, of the short side
-    count = int(rng.integers(8, 13) if look.size == "small" else rng.integers(3, 6))
-    for _ in range(count):
-        r = side * rng.uniform(lo, hi) / 2
-        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-        _draw_shape(draw, look.shape, cx, cy, r, fg, look.fill == "outlined")
+    _draw_background(draw, look.background, w, h, pattern, side / rng.uniform(*TEXTURE_PERIOD), rng)
+    for _ in range(int(rng.integers(*CLUTTER, endpoint=True))):
+        _draw_clutter(draw, w, h, side, rng)
+    cell = side / rng.uniform(*MOTIFS_PER_SIDE)
+    x0, y0 = rng.uniform(0, cell, size=2)
+    for gy in np.arange(y0 - cell, h + cell, cell):
+        for gx in np.arange(x0 - cell, w + cell, cell):
+            r = cell * rng.uniform(*MOTIF_DIAMETER) / 2
+            cx, cy = gx + rng.uniform(-0.12, 0.12) * cell, gy + rng.uniform(-0.12, 0.12) * cell
+            _draw_shape(draw, look.shape, cx, cy, r, fg, look.fill == "outlined")
     pixels = np.asarray(img, dtype=np.float32) + rng.normal(0, 8, size=(h, w, 3))  # sensor-like noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
@@ -119,51 +130,47 @@ def _palette(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]
         bg, fg = rng.integers(0, 256, size=(2, 3))
         if abs(int(bg.mean()) - int(fg.mean())) > 70:
             break
-    pattern = np.clip(bg + rng.choice([-1, 1]) * rng.integers(35, 60), 0, 255)  # visible, yet clearly background
+    pattern = np.clip(bg + rng.choice([-1, 1]) * rng.integers(*PATTERN_CONTRAST), 0, 255)
     return tuple(map(int, bg)), tuple(map(int, fg)), tuple(map(int, pattern))
 
 
-def _draw_background(draw: ImageDraw.ImageDraw, kind: str, w: int, h: int, color: tuple, rng: np.random.Generator) -> None:
-    period = max(8, int(min(w, h) / rng.uniform(7, 11)))  # ~6-9 px at a 64 px crop: coarse enough to survive resizing
+def _draw_background(draw: ImageDraw.ImageDraw, kind: str, w: int, h: int, color: tuple, period: float,
+                     rng: np.random.Generator) -> None:
+    period = max(8, int(period))
     half = period // 2
+    offset = int(rng.integers(period))
     if kind == "horizontal stripes":
-        for y in range(int(rng.integers(period)), h, period):
+        for y in range(offset - period, h, period):
             draw.rectangle([0, y, w, y + half - 1], fill=color)
     elif kind == "vertical stripes":
-        for x in range(int(rng.integers(period)), w, period):
+        for x in range(offset - period, w, period):
             draw.rectangle([x, 0, x + half - 1, h], fill=color)
     elif kind == "checkerboard":
-        for y in range(0, h, half):
-            for x in range((y // half) % 2 * half, w, period):
+        for row, y in enumerate(range(offset - period, h, half)):
+            for x in range(offset - period + row % 2 * half, w, period):
                 draw.rectangle([x, y, x + half - 1, y + half - 1], fill=color)
     elif kind == "dots":
-        rad = max(2, period // 5)
-        for y in range(half, h, period):
-            for x in range(half, w, period):
+        rad = period // 4
+        for y in range(offset - half, h + period, period):
+            for x in range(offset - half, w + period, period):
                 draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=color)
-    elif kind == "grid":
-        line = max(2, period // 5)
-        for y in range(int(rng.integers(period)), h, period):
-            draw.rectangle([0, y, w, y + line - 1], fill=color)
-        for x in range(int(rng.integers(period)), w, period):
-            draw.rectangle([x, 0, x + line - 1, h], fill=color)
-    elif kind == "crosshatch":  # both diagonals, so a mirror flip leaves it unchanged
-        line = max(2, period // 4)
-        for c in range(-h, w + h, period):
-            draw.line([(c, 0), (c + h, h)], fill=color, width=line)
-            draw.line([(c, h), (c + h, 0)], fill=color, width=line)
-    elif kind == "concentric rings":
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        for r in range(int(math.hypot(w, h)) + period, 0, -period):
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=half)
-    elif kind == "diamond lattice":
-        for y in range(0, h + period, period):
-            for x in range((y // period) % 2 * half, w + period, period):
-                draw.polygon([(x, y - half), (x + half, y), (x, y + half), (x - half, y)], fill=color)
+
+
+def _draw_clutter(draw: ImageDraw.ImageDraw, w: int, h: int, side: int, rng: np.random.Generator) -> None:
+    """A line or a blob of a random colour somewhere: something to ignore."""
+    color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    x, y = rng.uniform(0, w), rng.uniform(0, h)
+    size = side * rng.uniform(0.04, 0.12)
+    if rng.random() < 0.5:
+        angle = rng.uniform(0, math.pi)
+        draw.line([(x, y), (x + 2.5 * size * math.cos(angle), y + 2.5 * size * math.sin(angle))], fill=color,
+                  width=max(2, int(size / 5)))
+    else:
+        draw.ellipse([x - size / 2, y - size / 3, x + size / 2, y + size / 3], fill=color)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple, outlined: bool) -> None:
-    width = max(2, int(r / 4))
+    width = max(2, int(r / 3))  # thick outlines: they must survive a 4-8x downscale
     fill, outline = (None, color) if outlined else (color, None)
     box = [cx - r, cy - r, cx + r, cy + r]
     if shape == "circle":
@@ -187,7 +194,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         t = r / 3
         pts = [(t, r), (t, t), (r, t), (r, -t), (t, -t), (t, -r), (-t, -r), (-t, -t), (-r, -t), (-r, t), (-t, t), (-t, r)]
         return [(cx + x, cy + y) for x, y in pts]
-    hw, hh = (r, r / 3.5) if shape == "horizontal bar" else (r / 3.5, r)
+    hw, hh = (r, r / 3) if shape == "horizontal bar" else (r / 3, r)
     return [(cx - hw, cy - hh), (cx + hw, cy - hh), (cx + hw, cy + hh), (cx - hw, cy + hh)]
 
 

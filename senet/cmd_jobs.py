@@ -79,6 +79,28 @@ def resubmit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_preemption(args: argparse.Namespace) -> int:
+    """The demo's Slurm part (slurm.demo): the reference run as a job, preempted mid-run, compared bit for bit."""
+    from slurm import demo, launch, queue
+    from training.build import preflight
+
+    cfg = load_config(args.config, [f"slurm.partition={args.partition}"])
+    launch.check_job_config(cfg)
+    preflight(cfg, NOT_HERE)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        r = demo.preempted_run(cfg, Path(args.config), Path(args.reference), out)
+    except (launch.SubmitError, queue.SlurmError, TimeoutError) as e:
+        raise Failure(str(e)) from None
+    print(f"job {r['job_id']}: {' -> '.join(r['states'])}; preempted at step {r['preempted_at']}, resumed from step(s) "
+          f"{r['resumed_at']}, {r['requeues']} requeue(s); run folder {r['run_dir']}")
+    verdict = "bit-identical to" if r["identical"] else "DIFFERENT from"
+    print(f"final parameters (step {r['steps']['slurm']}) {verdict} the local run's (step {r['steps']['local']}): "
+          f"sha256 {r['digests']['slurm'][:16]}... vs {r['digests']['local'][:16]}...")
+    return 0 if r["identical"] else 1
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from slurm import queue
 
@@ -173,6 +195,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "class count on this host (for data that only the compute nodes see)")
     p.add_argument("--json", metavar="F", help="write {job_id, run_dir} as JSON")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("demo-preemption", help="(make demo) run CONFIG as a Slurm job, preempt it mid-run, compare "
+                       "its final parameters with a local run's")
+    p.add_argument("config", help="the config of the local run")
+    p.add_argument("--reference", required=True, metavar="RUN", help="the local run folder to compare with")
+    p.add_argument("--out", required=True, metavar="DIR", help="where slurm.json and resume.json go")
+    p.add_argument("--partition", default="debug", help="a preemptible partition (the local cluster's `debug`)")
+    p.set_defaults(func=cmd_demo_preemption)
 
     p = sub.add_parser("jobs", help="this user's senet jobs and their states")
     p.set_defaults(func=cmd_jobs)

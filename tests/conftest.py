@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,34 +63,35 @@ class CheckpointRecorder(RunControl):
 LEARN_CLASSES = 6
 
 
+LEARN_EPOCHS = 4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_demo_recipe(data: Path, cache: Path, out: Path, nproc: int, *sets: str) -> subprocess.CompletedProcess:
+    """`senet train configs/demo.yaml` on `data` (num_classes set to match), 4 epochs: the recipe a new user runs."""
+    classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
+    sets = (f"model.num_classes={classes}", f"data.root={data}", f"data.cache_dir={cache}",
+            f"train.epochs={LEARN_EPOCHS}", *sets)
+    return subprocess.run([sys.executable, "-m", "senet", "train", str(ROOT / "configs" / "demo.yaml"), "--nproc",
+                           str(nproc), "--out", str(out), *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
 @pytest.fixture(scope="session")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One real training run shared by the tests that need a trained model.
 
-    Two gloo processes, class-aware sampling and the full augmentation (flip, rotation, colour jitter)
-    train se_resnext_tiny on 6 synthetic classes of small images (64-112 px) for 16 epochs. One test
-    image is emptied first, so check-data's exclusion list has an entry for `predict` to honour.
-    Returns the data root, the cache folder (exclusion list), the run folder and the devkit.
+    The demo recipe (configs/demo.yaml: se_resnext_tiny at 64 px, class-aware sampling, flip, rotation,
+    colour jitter) on `senet make-synthetic`'s default images, 6 classes x 80, two gloo processes, 4
+    epochs. One test image is emptied first, so check-data's exclusion list has an entry for `predict`
+    to honour. Returns the data root, the cache folder (exclusion list), the run folder and the devkit.
     """
-    import subprocess
-    import sys
-
     tmp = tmp_path_factory.mktemp("learned")
     data, cache, out = tmp / "data", tmp / "cache", tmp / "run"
-    make_synthetic(data, SyntheticSpec(classes=LEARN_CLASSES, train_per_class=100, val_per_class=10, test=10, seed=1,
-                                       min_side=64, max_side=112))
+    make_synthetic(data, SyntheticSpec(classes=LEARN_CLASSES, train_per_class=80, val_per_class=10, test=10, seed=1))
     (data / "test" / "ILSVRC2012_test_00000004.JPEG").write_bytes(b"")
-    senet = [sys.executable, "-m", "senet"]
-    subprocess.run(senet + ["check-data", str(data), "--cache-dir", str(cache), "--quiet"], capture_output=True, check=False)
-    config = tmp / "tiny.yaml"
-    config.write_text("model:\n  arch: se_resnext_tiny\n  channels_last: false\ntrain:\n  seed: 3\n")
-    sets = [f"model.num_classes={LEARN_CLASSES}", "train.device=cpu", "data.dtype=float32", "data.py_workers=1",
-            "data.threads=1", "train.precision=fp32", f"data.root={data}", f"data.cache_dir={cache}",
-            "data.sampling=class_aware", "data.crop_size=48", "data.rotation=10", "data.brightness=0.4",
-            "data.contrast=0.4", "data.saturation=0.4", "data.hue=0.05", "data.flip=0.5", "train.epochs=16",
-            "train.batch_size=16", "train.log_every=5", "train.checkpoint_every=50", "optim.lr=0.15",
-            "optim.reference_batch=64", "optim.warmup_epochs=1", "optim.schedule=cosine", "optim.label_smoothing=0.1"]
-    done = subprocess.run(senet + ["train", str(config), "--nproc", "2", "--out", str(out),
-                                   *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=900)
+    subprocess.run([sys.executable, "-m", "senet", "check-data", str(data), "--cache-dir", str(cache), "--quiet"],
+                   capture_output=True, check=False)
+    done = train_demo_recipe(data, cache, out, 2, "train.log_every=5", "train.checkpoint_every=50")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"data": data, "cache": cache, "run": out, "devkit": data / "ILSVRC2012_devkit_t12", "log": done.stdout}

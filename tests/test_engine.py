@@ -303,3 +303,41 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_memory) -> None:
     ckpt = torch.load(tmp / "nan" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp / "nan" / "metrics.jsonl") if "loss" in r)
+
+
+class CrashAt(ResidentLoader):
+    """Training batches that fail when batch `at` is taken (overall count): a crash mid-epoch."""
+
+    def __init__(self, at: int, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.at, self.taken = at, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.taken += 1
+            if self.taken == self.at:
+                raise RuntimeError("crashed")
+            yield batch
+
+
+def test_curves_go_to_tensorboard_too_and_a_resume_reads_as_one_run(in_memory) -> None:
+    """Event files in the run folder with the documented tags. A crash after step 16 was logged and a resume
+    from the checkpoint at step 15: TensorBoard, like metrics.jsonl, shows every step once."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from training.metrics import TENSORBOARD_TAGS
+
+    fit, cfg, tmp = in_memory
+    with pytest.raises(RuntimeError, match="crashed"):
+        fit(tmp / "run", resume=None, train=CrashAt(19, *tensors(N_TRAIN, 123), BATCH))
+    assert max(r["step"] for r in read_metrics(tmp / "run" / "metrics.jsonl") if "loss" in r) == 16
+    fit(tmp / "run", resume="auto")  # from the checkpoint at step 15
+    board = event_accumulator.EventAccumulator(str(tmp / "run"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait_fraction", "val/top1",
+            "val/top5", "checkpoint/write_s"} <= tags <= set(TENSORBOARD_TAGS.values())
+    loss_steps = [e.step for e in board.Scalars("train/loss")]
+    assert loss_steps == [4, 8, 12, 16, 20, 24, 28, 32, 36]  # step 16 logged twice, shown once
+    rows = [r for r in read_metrics(tmp / "run" / "metrics.jsonl") if "loss" in r]
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows])
+    assert [e.step for e in board.Scalars("val/top1")] == [12, 24, 36]

@@ -227,7 +227,7 @@ def test_zero_init_last_bn_makes_a_fresh_block_the_identity() -> None:
     torch.manual_seed(0)
     model = create_model("se_resnet_tiny", depths=(2, 1, 1, 1), zero_init_last_bn=True).eval()
     assert all(not m.bn3.weight.any() for m in model.modules() if isinstance(m, Bottleneck))
-    block = model.stages[0][1]  # no projection: the output must be the input
+    block = [m for m in model.stages[0] if isinstance(m, Bottleneck)][1]  # no projection: output = input
     x = torch.rand(2, 64, 8, 8)  # non-negative, like every block input after a ReLU
     torch.testing.assert_close(block(x), x)
 

@@ -52,8 +52,7 @@ def evaluate(t: dict[str, Path], predictions: Path, tmp_path: Path) -> dict:
 def test_single_crop_val_prediction_scores_exactly_what_the_engine_measured(trained: dict, tmp_path: Path) -> None:
     best = torch.load(trained["run"] / "checkpoints" / "best.pt", weights_only=True)
     engine = max((r for r in read_metrics(trained["run"] / "metrics.jsonl") if "val_top1" in r), key=lambda r: r["val_top1"])
-    # Learned something (chance is 1/6); how well depends on the CPU's float rounding (0.30-0.62 seen on two CPUs).
-    assert best["best_top1"] == engine["val_top1"] > 0.25
+    assert best["best_top1"] == engine["val_top1"] > 0.5  # the model learned something (chance is 1/6)
     predict(trained, "val", tmp_path / "val.txt", "--scores", str(tmp_path / "val.npy"))
     score = evaluate(trained, tmp_path / "val.txt", tmp_path)
     assert score["images"] == CLASSES * 10

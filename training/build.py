@@ -139,10 +139,12 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
         log.info("%s on %s x %d (%s, %s), global batch %d, peak lr %.4g, %d steps/epoch, %d epochs, optimizer %s",
                  cfg.model.arch, device.type, dist.world_size, precision.name, "DDP" if dist.distributed else "1 process",
                  global_batch, schedule.peak, steps_per_epoch, cfg.train.epochs, kind)
+    metrics = MetricsLog(out / METRICS, dist.is_main)
+    closers.append(metrics.close)
     return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
                optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
-               val_loader=val_loader, classes=tuple(data.classes), log=MetricsLog(out / METRICS, dist.is_main),
-               control=control, group=group, closers=closers)
+               val_loader=val_loader, classes=tuple(data.classes), log=metrics, control=control, group=group,
+               closers=closers)
 
 
 def preflight(cfg: Config, root_hint: str = "") -> None:

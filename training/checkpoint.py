@@ -98,6 +98,18 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
+def parameters_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict's names, dtypes, shapes and bytes, in name order: equal digests, equal bits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's counters and config, checked like `load_checkpoint`, its tensors only memory-mapped."""
     return load_checkpoint(path, mmap=True)

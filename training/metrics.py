@@ -1,24 +1,41 @@
-"""The run's metrics: `OUT/metrics.jsonl` (one JSON object per line) and `OUT/curves.png`.
+"""The run's metrics: `OUT/metrics.jsonl` (one JSON object per line), `OUT/curves.png`, and TensorBoard
+event files in OUT (when the optional `tensorboard` package is installed: `pip install 'senet[tensorboard]'`;
+`tensorboard --logdir OUT`, or a folder of run folders).
 
 Rows carry the optimizer `step` they were logged at. Training rows: step, epoch, loss, lr, images_per_s,
 data_wait_fraction. Validation rows: step, epoch, val_top1, val_top5 (fractions in [0, 1]). Events:
-`{"event": "resume", "step": N}`. A resumed run first drops every row logged after its checkpoint's
-step, so the file reads as one uninterrupted run plus the resume events.
+`{"event": "resume", "step": N}` and `{"event": "checkpoint", "step": N, "write_s": S}`. A resumed run
+first drops every row logged after its checkpoint's step, so the file reads as one uninterrupted run
+plus the events; TensorBoard is told the same (its writer purges the later steps of earlier sessions).
+
+TensorBoard scalar tags (`TENSORBOARD_TAGS`): train/loss, train/lr, train/images_per_s,
+train/data_wait_fraction, val/top1, val/top5, checkpoint/write_s.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
+log = logging.getLogger("senet.train")
+# metrics.jsonl key -> TensorBoard scalar tag
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_s": "train/images_per_s",
+                    "data_wait_fraction": "train/data_wait_fraction", "val_top1": "val/top1", "val_top5": "val/top5",
+                    "write_s": "checkpoint/write_s"}
+TENSORBOARD_FLUSH_S = 10  # a crashed run loses at most this much of its curves
+
 
 class MetricsLog:
-    """Appends rows to metrics.jsonl; only the main rank writes (the others hold a disabled log)."""
+    """Appends rows to metrics.jsonl and TensorBoard; only the main rank writes (the others hold a disabled log)."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool = True) -> None:
         self.path, self.enabled = Path(path), enabled
+        self._tensorboard = tensorboard and enabled
+        self._writer: Any = None
+        self._purge_step: int | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -27,9 +44,39 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:  # line-buffered by hand: a killed run loses at most the row in flight
             f.write(json.dumps(_finite(row)) + "\n")
+        writer = self._board()
+        if writer is not None and "step" in row:
+            for key, tag in TENSORBOARD_TAGS.items():
+                value = row.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    writer.add_scalar(tag, value, row["step"])
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (metrics.jsonl needs nothing)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def _board(self) -> Any:
+        """The TensorBoard writer, made at the first row (None without the tensorboard package)."""
+        if self._writer is None and self._tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+                log.info("no TensorBoard event files: the tensorboard package is not installed "
+                         "(pip install 'senet[tensorboard]'); metrics.jsonl and curves.png are written")
+                return None
+            self._writer = SummaryWriter(str(self.path.parent), purge_step=self._purge_step,
+                                         flush_secs=TENSORBOARD_FLUSH_S)
+        return self._writer
 
     def truncate_after(self, step: int) -> int:
-        """Drop rows logged after `step` (and a torn last line); returns how many were dropped."""
+        """Drop rows logged after `step` (and a torn last line); returns how many were dropped.
+
+        TensorBoard's later steps of earlier sessions are purged by the next writer too.
+        """
+        self._purge_step = step + 1
         if not self.enabled or not self.path.is_file():
             return 0
         kept, dropped = [], 0

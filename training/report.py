@@ -107,12 +107,22 @@ def write_report(demo: Path) -> Path:
                       f"({bench.get('threads')} threads, batch {bench.get('batch_size')}; a short demo run on a "
                       "busy machine: see benchmarks/ for the measured tables)"]
         lines += ["", "![input throughput](bench.png)", ""]
-    lines += ["## 5. The same training as a Slurm job (local cluster: 2 nodes x 2 tasks)", ""]
-    if slurm:
-        lines += [f"- job {slurm.get('job_id')}, run folder `{slurm.get('run_dir')}`"]
-        if remote:
-            lines += [f"- val top-1 {remote['val_top1']:.3f}, top-5 {remote['val_top5']:.3f} after "
-                      f"{remote['epoch'] + 1} epochs (4 ranks, so a different global batch than section 2)"]
+    lines += ["## 5. The same training as a Slurm job, preempted mid-run (local cluster: 2 nodes x 1 task)", ""]
+    resume = _json(demo / "resume.json") or {}
+    if resume:
+        verdict = ("**bit-identical** to" if resume.get("identical") else "**different** from")
+        lines += [f"- job {resume['job_id']} (`{resume['run_dir']}`), the local run's config and world size: preempted "
+                  f"at step {resume['preempted_at']} by a job in the `urgent` partition, requeued "
+                  f"{resume['requeues']} time(s) ({' -> '.join(resume['states'])}), resumed from its checkpoint at "
+                  f"step {', '.join(map(str, resume['resumed_at'])) or '-'}",
+                  f"- its final parameters (step {resume['steps']['slurm']}) are {verdict} the local run's "
+                  f"(sha256 {resume['digests']['slurm'][:16]}... and {resume['digests']['local'][:16]}...)"]
+    elif slurm:
+        lines += [f"- job {slurm.get('job_id')}, run folder `{slurm.get('run_dir')}` (did not finish: no resume.json)"]
+    if remote:
+        lines += [f"- val top-1 {remote['val_top1']:.3f}, top-5 {remote['val_top5']:.3f} after {remote['epoch'] + 1} "
+                  "epochs"]
+    lines += ["", "Curves in TensorBoard: `tensorboard --logdir demo` (each run folder is a run).", ""]
     path = demo / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
