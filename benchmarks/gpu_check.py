@@ -274,7 +274,8 @@ def section_train_predict(device: str, out: Path, size: dict) -> dict:
         scores = predict(run / "checkpoints" / "best.pt", images, kit, here, ten_crop=ten_crop,
                          batch_size=size["predict_batch"], exclude=frozenset(), parts=out / "predict.parts")
         seconds = time.perf_counter() - start
-        top1 = 1.0 - score(top_ids(scores.probs).tolist(), np.asarray(truth)).top1_error
+        result_score = score(top_ids(scores.probs).tolist(), np.asarray(truth))
+        top1 = round((1.0 - result_score.top1_error) * result_score.images) / result_score.images  # as the engine counts
         if ten_crop:
             result["predict_images_per_s"] = len(images) / seconds
             result["predict_ten_crop_top1"] = top1
