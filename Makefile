@@ -12,10 +12,14 @@ DEMO := demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,tensorboard]'
+	@# The reference SENets for tests/test_weights.py, without its dependencies (they would pull torchvision
+	@# and another torch); without it those tests are skipped, saying why.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps pretrainedmodels \
+	  || echo "pretrainedmodels could not be installed: the weight-equivalence tests will be skipped"
 	touch $@
 
 # The local Slurm cluster is started for the tests and always stopped again, keeping pytest's status

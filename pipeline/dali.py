@@ -147,6 +147,8 @@ class TrainSource:
     batch_size: int
     bad: frozenset = frozenset()  # dataset indices known to be undecodable
     owner_pid: int = 0  # the loader's process; a worker is any other
+    mean: tuple[float, ...] = IMAGENET_MEAN  # the normalisation folded into each sample's colour matrix
+    std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         self.owner_pid = self.owner_pid or os.getpid()
@@ -170,7 +172,8 @@ class TrainSource:
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
             if used != index:
                 replaced[j] = index
-        params = sample_params(self.aug, self.seed, epoch, positions, sizes[:, 0], sizes[:, 1], self.crop_size)
+        params = sample_params(self.aug, self.seed, epoch, positions, sizes[:, 0], sizes[:, 1], self.crop_size,
+                               self.mean, self.std)
         return jpegs, params, np.stack([self.labels[indices], replaced, positions], axis=1)
 
     def _read(self, index: int, epoch: int, position: int) -> tuple[bytes, tuple[int, int], int]:
@@ -193,14 +196,15 @@ class TrainSource:
 
 
 def sample_params(aug: AugmentSpec, seed: int, epoch: int, positions: np.ndarray, widths: np.ndarray,
-                  heights: np.ndarray, crop_size: int) -> np.ndarray:
+                  heights: np.ndarray, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Each sample's augmentation as one float32 row of `PARAMS` columns (draws, warp geometry, colour)."""
     d = draws(aug, seed, epoch, positions, widths, heights)
     g = warp_geometries(d, widths, heights, crop_size)
     rows = np.empty((len(positions), PARAM_COLUMNS), np.float32)
     parts = {"anchor": g["anchor"], "shape": g["shape"], "prescale": g["prescale"][:, None],
              "pre_size": g["pre_size"], "matrix": g["matrix"].reshape(-1, 6),
-             "colour": colour_params(d).reshape(-1, 15), "size": np.stack([widths, heights], axis=1),
+             "colour": colour_params(d, mean, std).reshape(-1, 15), "size": np.stack([widths, heights], axis=1),
              "flip": d.flip[:, None]}
     for name, (lo, hi) in PARAMS.items():
         rows[:, lo:hi] = parts[name]
@@ -309,7 +313,8 @@ def train_pipeline(source: TrainSource, decoder: dict[str, Any], crop_size: int,
 
 @pipeline_def
 def eval_pipeline(source: EvalSource, decoder: dict[str, Any], crop_size: int, crop_ratio: float, ten_crop: bool,
-                  dtype: str, layout: str, parallel: bool, device: str):
+                  dtype: str, layout: str, parallel: bool, device: str, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD):
     """Eval graph: short side to crop/ratio, centre crop or ten crops; outputs images and labels (on
     `device`) and the ids rows (CPU)."""
     jpegs, ids = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=parallel)
@@ -317,10 +322,10 @@ def eval_pipeline(source: EvalSource, decoder: dict[str, Any], crop_size: int, c
     images = fn.resize(images, resize_shorter=float(round(crop_size / crop_ratio)), antialias=True)
     crop = dict(crop=[crop_size, crop_size])
     if not ten_crop:
-        images = normalize(images, dtype, layout, crop_pos_x=0.5, crop_pos_y=0.5, **crop)
+        images = normalize(images, dtype, layout, mean, std, crop_pos_x=0.5, crop_pos_y=0.5, **crop)
     else:  # 4 corners + centre, then the same mirrored: (10, C, H, W) per sample
         spots = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
-        crops = [normalize(images, dtype, layout, crop_pos_x=x, crop_pos_y=y, mirror=m, **crop)
+        crops = [normalize(images, dtype, layout, mean, std, crop_pos_x=x, crop_pos_y=y, mirror=m, **crop)
                  for m in (0, 1) for x, y in spots]
         images = fn.stack(*crops, axis=0)
     return images, on(device, ids[0]), ids

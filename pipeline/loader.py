@@ -27,12 +27,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from pipeline.augment import LUMA, AugmentSpec
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, LUMA, AugmentSpec
 from pipeline.dali import (HW_DECODER_LOAD, EvalSource, TrainSource, decoder_options, eval_pipeline, source_depth,
                            train_pipeline)
 from pipeline.datasets import ImageIndex
@@ -198,6 +198,7 @@ class TrainLoader(_Closing):
         py_workers: processes reading files and drawing parameters (0: in this process).
         prefetch: batches DALI prepares ahead.
         hw_decoder_load: share of JPEGs for the GPU's hardware decoder (where it has one).
+        mean, std: the normalisation (RGB, 0-255 scale).
         exclude: root-relative paths never to read (check-data's exclusion list).
 
     Iterating yields (images, labels): images (B, C, H, W) or (B, H, W, C) normalised, labels int64,
@@ -207,8 +208,8 @@ class TrainLoader(_Closing):
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
                  device_id: int | None = None, seed: int, sampling: str, samples_per_epoch: int | None,
                  aug: AugmentSpec, crop_size: int, dtype: str, layout: str, threads: int, py_workers: int,
-                 prefetch: int, hw_decoder_load: float = HW_DECODER_LOAD,
-                 exclude: set[str] | frozenset[str] = frozenset()) -> None:
+                 prefetch: int, hw_decoder_load: float = HW_DECODER_LOAD, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, exclude: set[str] | frozenset[str] = frozenset()) -> None:
         self.device = _check_device(device, device_id, threads)
         _check_choice("sampling", sampling, SAMPLERS)
         _check_choice("dtype", dtype, TORCH_DTYPES)
@@ -226,6 +227,7 @@ class TrainLoader(_Closing):
         self.batch_size, self.seed, self.aug, self.crop_size = batch_size, seed, aug, crop_size
         self.device_kind, self.dtype, self.layout, self.prefetch = device, dtype, layout, prefetch
         self.threads, self.py_workers = threads, py_workers
+        self.mean, self.std = tuple(mean), tuple(std)
         self.stats: dict[str, Any] = {"replaced_samples": 0, "replaced_files": 0, "bad_files": [], "rebuilds": 0}
         self._bad: set[int] = set()
         self._epoch, self._start, self._consumed = 0, 0, 0
@@ -289,7 +291,8 @@ class TrainLoader(_Closing):
         """(Re)build the pipeline so that it delivers (epoch, start) next."""
         self.close()
         source = TrainSource(str(self.index.root), self.index.files, self.index.labels, self.sampler, self.aug,
-                             self.crop_size, self.seed, epoch, start, self.batch_size, frozenset(self._bad))
+                             self.crop_size, self.seed, epoch, start, self.batch_size, frozenset(self._bad),
+                             mean=self.mean, std=self.std)
         pipe = train_pipeline(
             source=source, decoder=self._decoder, crop_size=self.crop_size, parallel=self.py_workers > 0,
             device=self.device_kind, source_prefetch=source_depth(self.prefetch, self.py_workers),
@@ -367,7 +370,8 @@ class EvalLoader(_Closing):
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
                  device_id: int | None = None, crop_size: int, crop_ratio: float = 0.875, ten_crop: bool = False,
                  dtype: str = "float32", layout: str = "NCHW", threads: int = 1, py_workers: int = 0,
-                 hw_decoder_load: float = HW_DECODER_LOAD, exclude: set[str] | frozenset[str] = frozenset()) -> None:
+                 hw_decoder_load: float = HW_DECODER_LOAD, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, exclude: set[str] | frozenset[str] = frozenset()) -> None:
         self.device = _check_device(device, device_id, threads)
         _check_choice("dtype", dtype, TORCH_DTYPES)
         _check_choice("layout", layout, {"NCHW", "NHWC"})
@@ -384,7 +388,7 @@ class EvalLoader(_Closing):
         pipe = eval_pipeline(
             source=source, decoder=decoder_options(device, threads, hw_decoder_load), crop_size=crop_size,
             crop_ratio=crop_ratio, ten_crop=ten_crop, dtype=dtype, layout=layout, parallel=py_workers > 0,
-            device=device, batch_size=batch_size, num_threads=threads,
+            device=device, mean=tuple(mean), std=tuple(std), batch_size=batch_size, num_threads=threads,
             device_id=self.device.index if self.device.type == "cuda" else None, py_num_workers=max(1, py_workers),
             py_start_method=start_method(), prefetch_queue_depth=2)
         self._run: DaliProcesses | None = DaliProcesses(pipe, py_workers)

@@ -1,7 +1,9 @@
-"""`senet complexity`: parameters, multiply-adds and measured latency of a model against a baseline."""
+"""`senet complexity` (parameters, multiply-adds and measured latency against a baseline) and `senet
+import-weights` (published SENet weights as a senet checkpoint)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from senet.cli import Failure, UsageError, write_json
 
@@ -25,6 +27,43 @@ def cmd_complexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from models.published import ConversionError
+    from training.checkpoint import CheckpointError
+    from training.weights import import_weights
+
+    classes = class_list(args.devkit, args.classes)
+    try:
+        done = import_weights(args.source, args.arch, args.out, classes, source=args.source_kind)
+    except ConversionError as e:
+        raise UsageError(str(e)) from None
+    except CheckpointError as e:
+        raise Failure(str(e)) from None
+    print(f"wrote {done['out']}: {done['arch']} ({args.source_kind} {done['source']}), {done['num_classes']} classes, "
+          f"{done['keys']} tensors converted; score it with `senet predict {done['out']} VAL --devkit DIR`, or start "
+          f"a run from it with --set train.init_from={done['out']}")
+    return 0
+
+
+def class_list(devkit: str | None, classes: str | None) -> list[str]:
+    """The WNIDs of the network's outputs: the devkit's leaves in sorted-WNID order (what these sources were
+    trained on, as folder readers number classes), or a file of WNIDs in output order."""
+    if bool(devkit) == bool(classes):
+        raise UsageError("give the class list with --devkit DIR (ILSVRC2012's, sorted WNIDs) or --classes FILE "
+                         "(one WNID per line, in output order)")
+    if devkit:
+        from pipeline.devkit import load_devkit
+
+        return sorted(s.wnid for s in load_devkit(devkit).leaves)
+    try:
+        wnids = [line.strip() for line in Path(classes).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UsageError(f"--classes {classes}: cannot read it ({e.strerror})") from None
+    if len(set(wnids)) != len(wnids):
+        raise UsageError(f"--classes {classes}: a WNID appears twice")
+    return wnids
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `senet` parser."""
     p = sub.add_parser("complexity", help="parameters, multiply-adds and forward latency vs a baseline")
@@ -36,3 +75,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed forward calls per model (interleaved)")
     p.add_argument("--json", help="write {model, baseline, latency_ratio} here")
     p.set_defaults(func=cmd_complexity)
+
+    p = sub.add_parser("import-weights", help="a published SENet state dict (pretrainedmodels, timm legacy_*) as a "
+                       "senet checkpoint")
+    p.add_argument("source", help="the downloaded .pth file (nothing is fetched)")
+    p.add_argument("--arch", required=True, help="the network: se_resnet50/101/152, se_resnext50_32x4d, "
+                   "se_resnext101_32x4d, senet154 (or the source's own name, e.g. legacy_seresnet50)")
+    p.add_argument("--out", required=True, help="the checkpoint to write")
+    p.add_argument("--from", dest="source_kind", choices=("pretrainedmodels", "timm"), default="pretrainedmodels",
+                   help="where the weights come from (timm: its legacy_* ports, the same networks)")
+    p.add_argument("--devkit", help="ILSVRC2012 devkit: its 1000 WNIDs, sorted, are the outputs' classes")
+    p.add_argument("--classes", help="or a file of WNIDs, one per line, in output order")
+    p.set_defaults(func=cmd_import_weights)

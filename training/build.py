@@ -31,6 +31,7 @@ from training.optim import LRSchedule, build_optimizer
 from training.placement import Placement, check_node, input_shm_bytes, mean_file_bytes
 from training.precision import Precision
 from training.run_folder import METRICS
+from training.weights import check_init_from
 
 log = logging.getLogger("senet.train")
 
@@ -157,7 +158,8 @@ def preflight(cfg: Config, root_hint: str = "") -> None:
         root_hint: appended to the message about a missing data.root (e.g. how to skip the check).
 
     Raises:
-        ConfigError: data.root missing, unknown model, or model.num_classes != number of class folders.
+        ConfigError: data.root missing, unknown model, model.num_classes != number of class folders, or a
+            missing train.init_from file.
     """
     from models import list_models
 
@@ -173,6 +175,7 @@ def preflight(cfg: Config, root_hint: str = "") -> None:
         if classes and classes != cfg.model.num_classes:
             raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but {folder} has {classes} class folders; "
                               f"set model.num_classes={classes}")
+    check_init_from(cfg.train.init_from)
     if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
         log.warning("fp16 autocast on the CPU is slow and rarely useful; bf16 or fp32 are the usual CPU choices")
 
@@ -236,7 +239,8 @@ def build_loaders(cfg: Config, place: Placement, data: Data) -> tuple[Any, Any |
     d = cfg.data
     common = dict(rank=place.dist.rank, world_size=place.dist.world_size, device=place.device,
                   device_id=place.gpu_index, dtype=d.dtype, layout=d.layout, threads=place.dali_threads,
-                  py_workers=place.py_workers, hw_decoder_load=d.hw_decoder_load, exclude=data.exclude)
+                  py_workers=place.py_workers, hw_decoder_load=d.hw_decoder_load, mean=d.mean, std=d.std,
+                  exclude=data.exclude)
     train = TrainLoader(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed, sampling=d.sampling,
                         samples_per_epoch=d.samples_per_epoch, aug=AugmentSpec.from_config(d), crop_size=d.crop_size,
                         prefetch=d.prefetch, **common)

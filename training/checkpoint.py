@@ -22,8 +22,10 @@ from torch import nn
 from training.run_folder import LAST
 
 FORMAT_VERSION = 1
-REQUIRED = ("format_version", "model", "optimizer", "scaler", "scheduler", "epoch", "step", "loader", "classes",
-            "arch", "num_classes", "config")
+# What every checkpoint holds (a model a predict can rebuild), and what a training checkpoint adds (a
+# run a resume can continue). `senet import-weights` writes model checkpoints (kind "weights").
+MODEL_KEYS = ("format_version", "model", "classes", "arch", "num_classes", "config")
+TRAINING_KEYS = MODEL_KEYS + ("optimizer", "scaler", "scheduler", "epoch", "step", "loader")
 
 
 class CheckpointError(Exception):
@@ -72,12 +74,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False, training: bool = True) -> dict[str, Any]:
     """Read a checkpoint onto the CPU without unpickling code, checking its format.
 
     Args:
         path: the checkpoint file.
         mmap: map the tensors instead of reading them (`peek_checkpoint`: cheap on a login node).
+        training: require a training checkpoint (to resume); False accepts any model checkpoint,
+            imported weights included (to predict, or to start a run from).
 
     Raises:
         CheckpointError: missing file, unreadable file, another format version or missing entries.
@@ -92,7 +96,10 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: checkpoint format {found!r}, this code reads format {FORMAT_VERSION}")
-    missing = [k for k in REQUIRED if k not in state]
+    if training and state.get("kind") == "weights":
+        raise CheckpointError(f"{path}: holds imported weights, not a run to resume; start a run from them with "
+                              f"--set train.init_from={path}, or score them with `senet predict`")
+    missing = [k for k in (TRAINING_KEYS if training else MODEL_KEYS) if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return state

@@ -70,6 +70,10 @@ class DataConfig:
     threads: int | None = _key(None, "DALI CPU threads per rank; null = the task's CPU share minus Python workers", min=1)
     py_workers: int = _key(2, "Python worker processes reading files for DALI's external_source", min=0, max=64)
     prefetch: int = _key(2, "batches DALI prepares ahead", min=1, max=16)
+    mean: list = _key([123.675, 116.28, 103.53], "per-channel mean (RGB, 0-255 scale) that normalisation subtracts",
+                      length=3, min=0.0, max=255.0)
+    std: list = _key([58.395, 57.12, 57.375], "per-channel standard deviation (RGB, 0-255 scale) it divides by",
+                     length=3, min=1e-3, max=255.0)
     hw_decoder_load: float = _key(0.65, "share of JPEGs for the GPU's hardware JPEG decoder (A100/H100/H200; ignored "
                                   "elsewhere); the rest is decoded by nvJPEG's hybrid CPU+GPU path", min=0.0, max=1.0)
     cache_dir: str = _key(DEFAULT_CACHE_DIR, "where the file index and the exclusion list of each data tree are kept")
@@ -97,6 +101,8 @@ class TrainConfig:
     device: Literal["gpu", "cpu"] = _key("gpu", "where a rank runs: 'gpu' (one GPU per rank, NCCL, DALI's mixed/GPU ops) "
                                          "or 'cpu' (gloo, CPU-only DALI); was data.device, still read with a warning")
     epochs: int = _key(100, "training epochs", min=1)
+    init_from: str | None = _key(None, "checkpoint whose weights start a fresh run (a senet run's, or `senet "
+                                 "import-weights`'); a resumed run continues from its own instead")
     batch_size: int = _key(32, "images per process (per GPU) and step", min=1)
     checkpoint_every: int = _key(1000, "write checkpoints/last.pt every this many steps (and at each epoch end)", min=1)
     seed: int = _key(0, "seed of the sampling order, the augmentation draws and the initial weights", min=0)
@@ -287,6 +293,16 @@ def _validate(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any], w
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
         return dict(value)
+    elif hint is list or origin is list:
+        length = meta.get("length")
+        if not isinstance(value, (list, tuple)) or (length and len(value) != length) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of {length or 'some'} numbers, got {value!r}")
+        for v in value:
+            if ("min" in meta and v < meta["min"]) or ("max" in meta and v > meta["max"]):
+                raise ConfigError(f"{where}: {key} = {list(value)!r}: every value must lie in "
+                                  f"[{meta.get('min')}, {meta.get('max')}]")
+        return [float(v) for v in value]
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{where}: {key} = {value!r} is below the minimum {meta['min']}")
     if "max" in meta and value > meta["max"]:

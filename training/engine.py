@@ -49,6 +49,7 @@ from training.metrics import plot_curves, read_metrics
 from training.placement import Placement
 from training.precision import Precision
 from training.run_folder import BEST, CHECKPOINTS, CONFIG, CURVES, LAST, METRICS
+from training.weights import initialize_from
 
 log = logging.getLogger("senet.train")
 
@@ -365,6 +366,10 @@ def restore(r: Run, path: Path | None) -> TrainState:
     if path is None:
         if r.place.dist.is_main and r.log.path.is_file():
             r.log.truncate_after(0)  # a fresh run in a used folder: start the log afresh too
+        if r.cfg.train.init_from:  # a fresh run only: a resume continues from its own checkpoint
+            done = initialize_from(r.model, r.cfg.model.arch, r.classes, Path(r.cfg.train.init_from).expanduser())
+            if r.place.is_main:
+                log.info("%s", done)
         return TrainState()
     ckpt = load_checkpoint(path)
     for key, ours in (("arch", r.cfg.model.arch), ("num_classes", r.cfg.model.num_classes), ("classes", list(r.classes))):

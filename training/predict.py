@@ -134,7 +134,7 @@ def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: P
     """
     from pipeline.loader import EvalLoader
 
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, training=False)
     cfg = checkpoint_config(state, checkpoint)
     columns = devkit_columns(state["classes"], devkit, checkpoint)
     d = cfg.data
@@ -143,7 +143,8 @@ def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: P
     loader = EvalLoader(images, batch_size=batch_size, rank=place.dist.rank, world_size=place.dist.world_size,
                         device=place.device, device_id=place.gpu_index, crop_size=d.crop_size,
                         crop_ratio=d.eval_crop_ratio, ten_crop=ten_crop, dtype=d.dtype, layout=d.layout,
-                        threads=place.dali_threads, py_workers=0, hw_decoder_load=d.hw_decoder_load, exclude=exclude)
+                        threads=place.dali_threads, py_workers=0, hw_decoder_load=d.hw_decoder_load, mean=d.mean,
+                        std=d.std, exclude=exclude)
     # Ranks only meet at a barrier here: a host (gloo) group whatever the device.
     owns_group = distmod.init_distributed(replace(place, backend=CONTROL_BACKEND), PARTS_TIMEOUT_S)
     try:
