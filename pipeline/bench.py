@@ -16,6 +16,7 @@ brightness/contrast/saturation(/hue) with PIL, then normalise with numpy to the 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import time
@@ -174,7 +175,7 @@ def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSp
     # The crop region and flip only (the same boxes as `full`: rotation and colour draw other uniforms).
     flat = replace(aug, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     source: Any = TrainSource(str(index.root), index.files, index.labels, sampler, flat, spec.crop_size, spec.seed, 0,
-                              0, spec.batch_size)
+                              0, spec.batch_size, samples=index.samples)
     if stage == "naive":
         source = NaiveSource(source, aug)
     pipe = stage_pipeline(source=source, stage=stage, decoder=decoder_options(spec.device, spec.threads, spec.hw_decoder_load),
@@ -214,7 +215,7 @@ class PILTrainSet(torch.utils.data.Dataset):
         from PIL import Image, ImageEnhance
 
         try:
-            img = Image.open(self.index.path(i)).convert("RGB")
+            img = Image.open(io.BytesIO(self.index.read(i))).convert("RGB")
         except OSError:  # an undecodable file not on the exclusion list: a blank image keeps the timing going
             log.warning("baseline: cannot decode %s; timing a blank image instead", self.index.path(i))
             img = Image.new("RGB", (self.size, self.size))

@@ -6,8 +6,10 @@ list that the loaders honour; odd but valid files (CMYK, grayscale, PNG named .J
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,10 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.datasets import DEFAULT_CACHE_DIR, ImageIndex, index_train, list_images, tree_cache_folder
+from pipeline.datasets import DEFAULT_CACHE_DIR, ImageIndex, index_train, list_images, pack_index, tree_cache_folder
 from pipeline.devkit import DEVKIT_DIRNAME, find_devkit, load_devkit
 from pipeline.errors import DataError
+from pipeline.pack import BAD, is_pack
 
 EXCLUDE_FILE = "exclude.txt"
 MIN_SIDE = 8  # smaller images cannot be cropped and resized meaningfully
@@ -35,13 +38,22 @@ class FileStatus:
 
 def inspect_image(root: str, rel: str) -> FileStatus:
     """Decode one file fully (not just its header) and classify it."""
-    path = os.path.join(root, rel)
     try:
-        if os.path.getsize(path) == 0:
-            return FileStatus(rel, error="empty file (0 bytes)")
+        with open(os.path.join(root, rel), "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return FileStatus(rel, error=f"cannot read: {e.strerror}")
+    return inspect_bytes(rel, data)
+
+
+def inspect_bytes(rel: str, data: bytes) -> FileStatus:
+    """Decode one image's bytes fully (a truncated JPEG fails only at the end of its scan) and classify it."""
+    if not data:
+        return FileStatus(rel, error="empty file (0 bytes)")
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF; only failures matter here
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 fmt, mode = img.format, img.mode
                 img.load()  # decodes the whole scan: a truncated JPEG fails here, not at open()
                 w, h = img.size
@@ -98,6 +110,8 @@ def check_data(root: str | Path, devkit: str | Path | None = None, cache_dir: st
         progress: wraps the iterator of decoded chunks, given the total number of files.
     """
     root = Path(root)
+    if is_pack(root):
+        return _check_pack(root, cache_dir, exclude_out, workers or os.cpu_count() or 1, progress)
     train = index_train(root, cache_dir)
     report = CheckReport(str(root), None)
     report.splits["train"] = _class_stats(train)
@@ -113,6 +127,12 @@ def check_data(root: str | Path, devkit: str | Path | None = None, cache_dir: st
     report.odd = [{"path": s.path, "kind": s.odd} for s in statuses if s.odd]
     _check_classes_after_exclusion(train, bad, report)
 
+    _write_exclusions(report, root, bad, cache_dir, exclude_out)
+    return report
+
+
+def _write_exclusions(report: CheckReport, root: Path, bad: set[str], cache_dir: str | Path,
+                      exclude_out: str | Path | None) -> None:
     text = "".join(f"{p}\n" for p in sorted(bad))
     targets = [tree_cache_folder(root, cache_dir) / EXCLUDE_FILE] + ([Path(exclude_out)] if exclude_out else [])
     for target in targets:
@@ -122,7 +142,59 @@ def check_data(root: str | Path, devkit: str | Path | None = None, cache_dir: st
             report.exclude_files.append(str(target))
         except OSError as e:
             raise DataError(f"{target}: cannot write the exclusion list ({e.strerror})") from None
+
+
+def _check_pack(root: Path, cache_dir: str | Path, exclude_out: str | Path | None, workers: int,
+                progress: Callable[[Iterator, int], Iterator]) -> CheckReport:
+    """check-data of a pack: every shard's crc32 against the manifest, every sample decoded from its shard,
+    the files found bad when packing listed as undecodable (they are in no shard)."""
+    from pipeline.pack import SHARD_NAME, read_manifest
+
+    manifest = read_manifest(root)
+    report = CheckReport(str(root), str(root / DEVKIT_DIRNAME) if (root / DEVKIT_DIRNAME).is_dir() else None)
+    train = index_train(root)
+    report.splits["train"] = _class_stats(train)
+    jobs = []
+    for split, info in manifest["splits"].items():
+        if split != "train":
+            report.splits[split] = {"images": info["samples"]}
+        for shard in info["shards"]:
+            path = root / split / SHARD_NAME.format(shard["shard"])
+            if _crc32(path) != (shard["crc32"], shard["bytes"]):
+                report.problems.append(f"{path}: damaged (its size or crc32 differs from pack.json); pack again")
+        samples = train.samples if split == "train" else pack_index(root, split).samples
+        good = [i for i in range(info["samples"]) if not samples.record(i)["flags"] & BAD]
+        jobs += [(root, split, good[i:i + 64]) for i in range(0, len(good), 64)]
+    statuses: list[FileStatus] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        total = sum(len(j[2]) for j in jobs)
+        for done in progress(pool.map(_inspect_packed, jobs), total):
+            statuses.extend(done)
+    packed_bad = [b for info in manifest["splits"].values() for b in info.get("bad", [])]
+    report.undecodable = [{"path": b["path"], "error": f"{b['error']} (left out when packed)"} for b in packed_bad]
+    report.undecodable += [{"path": s.path, "error": s.error} for s in statuses if s.error]
+    report.odd = [{"path": s.path, "kind": s.odd} for s in statuses if s.odd]
+    bad = {u["path"] for u in report.undecodable}
+    _check_classes_after_exclusion(train, bad, report)
+    _write_exclusions(report, root, bad, cache_dir, exclude_out)
     return report
+
+
+def _inspect_packed(job: tuple[Path, str, list[int]]) -> list[FileStatus]:
+    root, split, positions = job
+    index = pack_index(root, split)
+    return [inspect_bytes(index.files[i], index.read(i)) for i in positions]
+
+
+def _crc32(path: Path) -> tuple[int, int]:
+    crc, size = 0, 0
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    except OSError:
+        return -1, -1
+    return crc, size
 
 
 def _class_stats(index: ImageIndex) -> dict:

@@ -149,6 +149,7 @@ class TrainSource:
     owner_pid: int = 0  # the loader's process; a worker is any other
     mean: tuple[float, ...] = IMAGENET_MEAN  # the normalisation folded into each sample's colour matrix
     std: tuple[float, ...] = IMAGENET_STD
+    samples: Any = None  # a pack's PackedSamples: bytes by offset and sizes from its index; else files
 
     def __post_init__(self) -> None:
         self.owner_pid = self.owner_pid or os.getpid()
@@ -183,9 +184,15 @@ class TrainSource:
             data = b""
             if index not in self.bad:
                 with contextlib.suppress(OSError):  # a vanished or unreadable file is a bad file too
-                    with open(os.path.join(self.root, self.files[index]), "rb") as f:
-                        data = f.read()
-            size = image_size(data) if looks_complete(data) else None
+                    if self.samples is not None:
+                        data = self.samples.read(index)
+                    else:
+                        with open(os.path.join(self.root, self.files[index]), "rb") as f:
+                            data = f.read()
+            if not looks_complete(data):
+                size = None
+            else:  # a pack's index holds the size the header gives: no parse
+                size = self.samples.size(index) if self.samples is not None else image_size(data)
             if size is not None:
                 return data, size, index
             if members is None:  # only for bad files: a scan of all labels
@@ -223,6 +230,7 @@ class EvalSource:
     labels: np.ndarray
     positions: np.ndarray  # indices into files, this rank's shard
     batch_size: int
+    samples: Any = None  # a pack's PackedSamples, else files under root
 
     def __len__(self) -> int:
         return -(-len(self.positions) // self.batch_size)
@@ -234,7 +242,7 @@ class EvalSource:
             raise StopIteration
         jpegs, bad = [], np.zeros(len(chunk), np.int64)
         for j, p in enumerate(chunk.tolist()):
-            data = Path(self.root, self.files[p]).read_bytes()
+            data = self.samples.read(p) if self.samples is not None else Path(self.root, self.files[p]).read_bytes()
             ok = looks_complete(data) and image_size(data) is not None
             jpegs.append(np.frombuffer(data if ok else _blank_jpeg(), dtype=np.uint8))
             bad[j] = not ok

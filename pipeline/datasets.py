@@ -13,12 +13,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from pipeline.devkit import Devkit
 from pipeline.errors import DataError
+from pipeline.pack import bad_paths, is_pack, load_index, read_manifest
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 INDEX_FORMAT = 1
@@ -28,18 +29,28 @@ DEFAULT_CACHE_DIR = "~/.cache/senet"
 
 @dataclass(frozen=True, eq=False)
 class ImageIndex:
-    """Image files (relative to `root`) with their class index into `classes` (WNIDs, sorted)."""
+    """Images (paths relative to `root`) with their class index into `classes` (WNIDs, sorted).
+
+    The images are files under `root`, or, for a pack (`pipeline.pack`), the samples of its shards:
+    `samples` reads them by offset, and `files` are their original paths.
+    """
 
     root: Path
-    files: tuple[str, ...]
+    files: Sequence[str]
     labels: np.ndarray
     classes: tuple[str, ...]
+    samples: Any = None  # pipeline.pack.PackedSamples for a pack, else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def path(self, i: int) -> Path:
+        """Where image i is, or came from (a pack's sample: its original path, for messages)."""
         return self.root / self.files[i]
+
+    def read(self, i: int) -> bytes:
+        """The bytes of image i."""
+        return self.samples.read(i) if self.samples is not None else self.path(i).read_bytes()
 
     def class_counts(self) -> np.ndarray:
         """Images per class, indexed like `classes`."""
@@ -50,6 +61,10 @@ class ImageIndex:
         excluded = set(excluded)
         if not excluded:
             return self
+        if self.samples is not None:  # a pack's paths: vectorised, nothing decoded per image
+            keep = self.files.keep(excluded)
+            return ImageIndex(self.root, self.files.subset(keep), self.labels[keep], self.classes,
+                              self.samples.subset(keep))
         keep = [i for i, f in enumerate(self.files) if f not in excluded]
         return ImageIndex(self.root, tuple(self.files[i] for i in keep), self.labels[keep], self.classes)
 
@@ -77,9 +92,11 @@ def index_train(root: str | Path, cache_dir: str | Path | None = None) -> ImageI
         cache_dir: where to keep the index between runs; None scans every time.
 
     Returns:
-        Files relative to `root`, labels by sorted WNID.
+        Files relative to `root`, labels by sorted WNID (a pack's train split when `root` is a pack).
     """
     root = Path(root)
+    if is_pack(root):
+        return pack_index(root, "train")
     folder = train_folder(root)
     class_dirs = sorted((e for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
     if not class_dirs:
@@ -135,8 +152,14 @@ def index_val(root: str | Path, devkit: Devkit, classes: Sequence[str]) -> Image
     """Index `root/val` (flat, ascending file names) with labels from the devkit's ground truth.
 
     Ground-truth ILSVRC2012_IDs are mapped to WNIDs and then to positions in `classes` (the
-    training set's sorted WNIDs), so the labels share the model's numbering.
+    training set's sorted WNIDs), so the labels share the model's numbering. A pack's val split
+    carries the labels it was packed with (mapped the same way then).
     """
+    if is_pack(root):
+        index = pack_index(root, "val")
+        if index.classes != tuple(classes):
+            raise DataError(f"{root}: the pack's classes are not the training classes")
+        return index
     files = list_images(Path(root) / "val")
     ids = devkit.validation_ground_truth()
     if len(ids) != len(files):
@@ -148,6 +171,20 @@ def index_val(root: str | Path, devkit: Devkit, classes: Sequence[str]) -> Image
         raise DataError(f"{devkit.ground_truth_path()}: val classes {missing[:5]} have no training folder")
     labels = np.array([position[wnid_of[i]] for i in ids.tolist()], dtype=np.int64)
     return ImageIndex(Path(root), tuple(f"val/{f}" for f in files), labels, tuple(classes))
+
+
+def pack_index(pack_dir: str | Path, split: str, strip: int = 0) -> ImageIndex:
+    """A split of a pack as an ImageIndex: memory-mapped records and paths, bad files included (see
+    `load_exclusions`), in the order of the tree it was packed from. `strip` drops a path prefix
+    (e.g. "test/" for prediction on PACK/test)."""
+    from pipeline.pack import PackedSamples, PathsView
+
+    manifest = read_manifest(pack_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{pack_dir}: the pack has no {split} split (it has {', '.join(manifest['splits'])})")
+    index = load_index(pack_dir, split)
+    return ImageIndex(Path(pack_dir), PathsView(pack_dir, split, strip=strip),
+                      np.asarray(index["label"]), tuple(manifest["classes"]), PackedSamples(pack_dir, split))
 
 
 def list_images(folder: str | Path) -> list[str]:
@@ -174,7 +211,8 @@ def read_exclusions(*files: str | Path | None) -> set[str]:
 def load_exclusions(root: str | Path, cache_dir: str | Path, exclude_file: str | Path | None = None) -> set[str]:
     """check-data's exclusion list for this tree (when it has run) plus `exclude_file`."""
     cached = tree_cache_folder(root, cache_dir) / "exclude.txt"
-    return read_exclusions(cached if cached.is_file() else None, exclude_file)
+    listed = read_exclusions(cached if cached.is_file() else None, exclude_file)
+    return listed | bad_paths(root) if is_pack(root) else listed  # a pack knows its own bad files
 
 
 def _is_image(name: str) -> bool:

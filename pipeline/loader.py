@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -147,12 +146,14 @@ def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _undecodable(path: Path) -> bool:
+def _undecodable(index: ImageIndex, i: int) -> bool:
     """Full decode with PIL: the judge when DALI dies and the byte screen passed the file."""
+    import io
+
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(index.read(i))) as img:
             img.load()
         return False
     except Exception:  # noqa: BLE001 - any failure to decode means the file is bad
@@ -292,7 +293,7 @@ class TrainLoader(_Closing):
         self.close()
         source = TrainSource(str(self.index.root), self.index.files, self.index.labels, self.sampler, self.aug,
                              self.crop_size, self.seed, epoch, start, self.batch_size, frozenset(self._bad),
-                             mean=self.mean, std=self.std)
+                             mean=self.mean, std=self.std, samples=self.index.samples)
         pipe = train_pipeline(
             source=source, decoder=self._decoder, crop_size=self.crop_size, parallel=self.py_workers > 0,
             device=self.device_kind, source_prefetch=source_depth(self.prefetch, self.py_workers),
@@ -336,7 +337,7 @@ class TrainLoader(_Closing):
         """Decode the batches in flight with PIL; remember the failures. False when none fails."""
         ahead = (source_depth(self.prefetch, self.py_workers) + self.prefetch + 2) * self.batch_size
         indices = self.sampler.rank_indices(epoch)[self._consumed:self._consumed + ahead].tolist()
-        found = [i for i in dict.fromkeys(indices) if i not in self._bad and _undecodable(self.index.path(i))]
+        found = [i for i in dict.fromkeys(indices) if i not in self._bad and _undecodable(self.index, i)]
         for i in found:
             log.warning("undecodable file %s killed the input pipeline (%s); it is replaced by samples of its "
                         "class from now on", self.index.path(i), error.strip().splitlines()[-1][:200])
@@ -383,7 +384,8 @@ class EvalLoader(_Closing):
         lo, hi = len(keep) * rank // world_size, len(keep) * (rank + 1) // world_size
         self.index, self.batch_size, self.positions = index, batch_size, keep[lo:hi]
         self.stats: dict[str, Any] = {"bad_files": []}
-        source = EvalSource(str(index.root), index.files, np.asarray(index.labels), self.positions, batch_size)
+        source = EvalSource(str(index.root), index.files, np.asarray(index.labels), self.positions, batch_size,
+                            index.samples)
         self._batches = len(source)
         pipe = eval_pipeline(
             source=source, decoder=decoder_options(device, threads, hw_decoder_load), crop_size=crop_size,

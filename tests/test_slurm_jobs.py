@@ -297,3 +297,20 @@ def test_resume_of_a_folder_without_a_checkpoint_is_one_line(cluster: dict[str, 
     assert len(err) == 1 and "no usable checkpoint" in err[0]
     assert main(["submit", "--resume", str(tmp_path / "nothing")]) == 2
     assert "job.json" in capsys.readouterr().err
+
+
+def test_a_job_from_a_pack_staged_on_both_nodes_ends_like_the_tree_run(
+        cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest) -> None:
+    """The two local 'nodes' share one disk: their ranks stage into one folder, under per-shard locks."""
+    from pipeline.pack import PackSpec, pack, read_manifest
+
+    packed = workspace / "pack"
+    pack(workspace / "data", packed, ("train", "val"), PackSpec(shard_bytes=64 << 10, workers=2))
+    stage_dir = workspace / "stage"
+    job_id, run_dir = submit(workspace, "--set", f"data.root={packed}", "--set", f"data.stage_dir={stage_dir}")
+    wait_for_end(job_id, run_dir)
+    assert "staged" in rank0_log(job_id, run_dir)
+    shards = read_manifest(packed)["splits"]["train"]["shards"]
+    staged = next(stage_dir.glob("senet-*")) / "train"
+    assert len(list(staged.glob("shard-*.tar"))) == len(shards) and not list(staged.glob("*.tmp*"))
+    assert_same_parameters(run_dir, request.getfixturevalue("reference"))

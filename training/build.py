@@ -16,7 +16,7 @@ its DDP wrapper, the optimizer, the schedule and the metrics log are made.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,6 +97,8 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
     if place.is_main:
         log.info("placement: %s", place.describe())
     data = data or load_data(cfg)
+    if cfg.data.stage_dir:
+        data = stage_data(cfg, place, data)  # before the process group: the node's ranks copy shards first
     closers: list[Callable[[], None]] = []
     try:
         if loaders is None:
@@ -162,6 +164,7 @@ def preflight(cfg: Config, root_hint: str = "") -> None:
             missing train.init_from file.
     """
     from models import list_models
+    from pipeline.pack import is_pack, read_manifest
 
     root = Path(cfg.data.root).expanduser()
     if not cfg.data.root or not root.is_dir():
@@ -169,7 +172,12 @@ def preflight(cfg: Config, root_hint: str = "") -> None:
                           f"--set data.root=DIR (a tree from `senet make-synthetic` works){root_hint}")
     if cfg.model.arch not in list_models():
         raise ConfigError(f"model.arch = {cfg.model.arch!r} is not a registered model; known: {', '.join(list_models())}")
-    if cfg.data.file_list is None:
+    if is_pack(root):  # the pack's manifest knows its classes
+        classes = len(read_manifest(root)["classes"])
+        if classes != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes = {cfg.model.num_classes} but the pack {root} has {classes} classes; "
+                              f"set model.num_classes={classes}")
+    elif cfg.data.file_list is None:
         folder = root / "train" if (root / "train").is_dir() else root
         classes = sum(1 for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
         if classes and classes != cfg.model.num_classes:
@@ -220,11 +228,34 @@ def load_data(cfg: Config) -> Data:
     return Data(tuple(train.classes), train, val, exclude)
 
 
+def stage_data(cfg: Config, place: Placement, data: Data) -> Data:
+    """The data read from node-local copies of a pack's shards (`data.stage_dir`); trees are read in place."""
+    from pipeline.stage import stage
+
+    staged = {}
+    for name in ("train", "val"):
+        index = getattr(data, name)
+        if index is None or index.samples is None:
+            continue
+        samples, report = stage(index.samples, cfg.data.stage_dir, place.dist.local_rank, place.dist.local_world_size,
+                                cfg.data.stage_fallback)
+        staged[name] = replace(index, samples=samples)
+        if place.dist.local_rank == 0 and "fallback" not in report:
+            log.info("staged %d %s shards (%.2f GiB) in %s in %.1f s: %d copied by this rank, %d found verified",
+                     report["shards"], name, report["bytes"] / 2**30, report["folder"], report["seconds"],
+                     report["copied"], report["reused"])
+    if not staged and place.is_main:
+        log.warning("data.stage_dir is set but %s is not a pack (senet pack): the files are read where they are",
+                    cfg.data.root)
+    return replace(data, **staged)
+
+
 def check_input_resources(cfg: Config, place: Placement, data: Data) -> None:
     """Shared memory and locked memory for this node's input pipelines (`training.placement.check_node`)."""
     from pipeline.dali import decoder_options, pinned_decoder_bytes
 
-    sample = mean_file_bytes(data.train.root, data.train.files)
+    train = data.train
+    sample = train.samples.mean_bytes() if train.samples is not None else mean_file_bytes(train.root, train.files)
     pipelines = 1 + (data.val is not None)
     shm = input_shm_bytes(place, cfg.train.batch_size, sample, cfg.data.prefetch, pipelines)
     decoder = decoder_options(place.device, place.dali_threads, cfg.data.hw_decoder_load)

@@ -78,6 +78,10 @@ class DataConfig:
                                   "elsewhere); the rest is decoded by nvJPEG's hybrid CPU+GPU path", min=0.0, max=1.0)
     cache_dir: str = _key(DEFAULT_CACHE_DIR, "where the file index and the exclusion list of each data tree are kept")
     exclude_file: str | None = _key(None, "extra exclusion list (one relative path per line) to honour")
+    stage_dir: str | None = _key(None, "node-local folder to copy a pack's shards to before training (NVMe, /dev/shm, "
+                                 "$TMPDIR: $VARS expanded on the node); null reads the pack where it is")
+    stage_fallback: Literal["read_in_place", "error"] = _key("read_in_place", "when staging finds too little "
+                                                             "space: read the pack in place (a warning) or stop")
 
 
 @dataclass(frozen=True)

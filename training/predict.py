@@ -84,7 +84,16 @@ def devkit_columns(classes: list[str], devkit: Devkit, checkpoint: str | Path) -
 
 
 def image_index(folder: str | Path) -> ImageIndex:
-    """Every image of a flat folder, in ascending file-name order, unlabelled."""
+    """Every image of a flat folder, in ascending file-name order, unlabelled; or of a pack's split
+    folder (PACK/test), in the order it was packed (the same)."""
+    from pipeline.datasets import pack_index
+    from pipeline.pack import split_of
+
+    packed = split_of(folder)
+    if packed is not None:
+        pack_dir, split = packed
+        index = pack_index(pack_dir, split, strip=len(split) + 1)
+        return ImageIndex(Path(folder), index.files, np.full(len(index), -1, dtype=np.int64), (), index.samples)
     names = list_images(folder)
     if not names:
         raise DataError(f"{folder}: no images (.JPEG/.jpg/.png) to predict")
