@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_check import _photo  # noqa: E402
+from benchmarks.gpu_check import photo_tree  # noqa: E402
 from pipeline.pack import INDEX_DTYPE, PACK_FILE, PACK_FORMAT, PackSpec, pack  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
-
-
-def photo_tree(root: Path, images: int, classes: int) -> Path:
-    if (root / ".complete").is_file():
-        return root
-    jobs = []
-    for i in range(images):
-        folder = root / "train" / f"n{i % classes:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((folder / f"n{i % classes:08d}_{i}.JPEG", i))
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        list(pool.map(_photo, jobs, chunksize=32))
-    (root / ".complete").write_text("ok\n")
-    return root
 
 
 def traced(data: str, cache: str, stages: str, batches: int, trace: bool) -> dict[str, Any]:
@@ -128,7 +113,8 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     base = Path(args.data)
-    tree = photo_tree(base / "tree", args.images, args.classes)
+    photo_tree(base / "tree" / "train", args.images, args.classes)  # a folder of class folders under train/
+    tree = base / "tree"
     tree_bytes = sum(f.stat().st_size for f in (tree / "train").rglob("*.JPEG"))
     shutil.rmtree(base / "pack", ignore_errors=True)
     workers = os.cpu_count() or 1
