@@ -6,10 +6,10 @@ list that the loaders honour; odd but valid files (CMYK, grayscale, PNG named .J
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.datasets import DEFAULT_CACHE_DIR, ImageIndex, index_train, list_images, pack_index, tree_cache_folder
 from pipeline.devkit import DEVKIT_DIRNAME, find_devkit, load_devkit
 from pipeline.errors import DataError
-from pipeline.pack import BAD, is_pack
+from pipeline.pack import BAD, file_crc32, is_pack
 
 EXCLUDE_FILE = "exclude.txt"
 MIN_SIDE = 8  # smaller images cannot be cropped and resized meaningfully
@@ -163,7 +163,7 @@ def _check_pack(root: Path, cache_dir: str | Path, exclude_out: str | Path | Non
             if _crc32(path) != (shard["crc32"], shard["bytes"]):
                 report.problems.append(f"{path}: damaged (its size or crc32 differs from pack.json); pack again")
         samples = train.samples if split == "train" else pack_index(root, split).samples
-        good = [i for i in range(info["samples"]) if not samples.record(i)["flags"] & BAD]
+        good = np.flatnonzero((samples.index["flags"] & BAD) == 0).tolist()
         jobs += [(root, split, good[i:i + 64]) for i in range(0, len(good), 64)]
     statuses: list[FileStatus] = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -180,21 +180,23 @@ def _check_pack(root: Path, cache_dir: str | Path, exclude_out: str | Path | Non
     return report
 
 
+@functools.lru_cache(maxsize=None)
+def _worker_pack_index(root: Path, split: str) -> ImageIndex:
+    """One index per split and worker process, not one per chunk of samples."""
+    return pack_index(root, split)
+
+
 def _inspect_packed(job: tuple[Path, str, list[int]]) -> list[FileStatus]:
     root, split, positions = job
-    index = pack_index(root, split)
+    index = _worker_pack_index(root, split)
     return [inspect_bytes(index.files[i], index.read(i)) for i in positions]
 
 
 def _crc32(path: Path) -> tuple[int, int]:
-    crc, size = 0, 0
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(8 << 20), b""):
-                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        return file_crc32(path)
     except OSError:
         return -1, -1
-    return crc, size
 
 
 def _class_stats(index: ImageIndex) -> dict:

@@ -457,16 +457,18 @@ class ResidentLoader(_Closing):
             self._epoch, self._start = epoch, 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        n, b = len(self.images), self.batch_size
+        n, b, device = len(self.images), self.batch_size, self.images.device
         start, self._start = self._start, 0
         for k in range(start, self.steps):
             self._start = k + 1  # the state_dict's position, while the caller works on this batch
+            # the row indices are made where the rows are: a host index would be copied (and waited for) per batch
             if self.positions:
                 rows = torch.arange(k * b, min(n, (k + 1) * b))
-                yield self.images[rows], self.labels[rows], rows
+                on_device = rows.to(device, non_blocking=True)
+                yield self.images[on_device], self.labels[on_device.to(self.labels.device)], rows
             else:
-                rows = torch.arange(k * b, (k + 1) * b) % n
-                yield self.images[rows], self.labels[rows]
+                rows = torch.arange(k * b, (k + 1) * b, device=device) % n
+                yield self.images[rows], self.labels[rows.to(self.labels.device)]
         self._start = 0
 
     def state_dict(self) -> dict[str, Any]:

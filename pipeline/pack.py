@@ -169,9 +169,6 @@ class PackedSamples:
         sizes = self.index["size"] if self.rows is None else self.index["size"][self.rows]
         return float(np.mean(sizes)) if len(sizes) else 0.0
 
-    def shards(self) -> list[int]:
-        return sorted(set(self.index["shard"][self.index["shard"] >= 0].tolist()))
-
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # a forked worker: its own descriptors, opened afresh
             self._fds, self._pid = {}, os.getpid()
@@ -179,6 +176,21 @@ class PackedSamples:
         if fd is None:
             fd = self._fds[shard] = os.open(self.shard_dir / SHARD_NAME.format(shard), os.O_RDONLY)
         return fd
+
+
+def file_crc32(path: str | Path, fsync: bool = False) -> tuple[int, int]:
+    """(crc32, bytes) of a file, read in 8 MiB chunks; `fsync` also flushes it to disk.
+
+    Raises:
+        OSError: unreadable.
+    """
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return crc, size
 
 
 def load_index(pack_dir: str | Path, split: str) -> np.ndarray:
@@ -388,11 +400,7 @@ def _write_shard(job: _ShardJob) -> dict[str, Any]:
             offset = _add(tar, f"{key:09d}.jpg", data)
             _add(tar, f"{key:09d}.cls", f"{label}\n".encode())
             rows.append([offset, len(data), job.shard, label, width, height, zlib.crc32(data), flags, ""])
-    crc = 0
-    with open(tmp, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            crc = zlib.crc32(chunk, crc)
-        os.fsync(f.fileno())
+    crc, _ = file_crc32(tmp, fsync=True)
     tmp.replace(tar_path)
     result = {"bytes": tar_path.stat().st_size, "crc32": crc, "rows": rows}
     rows_tmp = rows_path.with_name(rows_path.name + f".tmp{os.getpid()}")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.augment import AugmentSpec
 from pipeline.datasets import ImageIndex, index_train
+from pipeline.loader import TrainLoader
 from pipeline.synthetic import SyntheticSpec, make_synthetic
 from training.control import RunControl
 
@@ -25,6 +27,23 @@ def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data") / "ilsvrc"
     make_synthetic(root, SMALL)
     return root
+
+
+LOADER_CROP = 32
+
+
+def train_loader(index: ImageIndex, **kw) -> TrainLoader:
+    """A small CPU TrainLoader (6 images of 32 px, class-aware); keywords override."""
+    args = dict(batch_size=6, rank=0, world_size=1, device="cpu", seed=11, sampling="class_aware",
+                samples_per_epoch=None, aug=AugmentSpec(), crop_size=LOADER_CROP, dtype="float16", layout="NCHW",
+                threads=1, py_workers=0, prefetch=2, exclude=frozenset())
+    return TrainLoader(index, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def clean(small_tree: Path) -> tuple[ImageIndex, frozenset[str]]:
+    """The training index of the small tree and its planted undecodable files (to exclude)."""
+    return index_train(small_tree), frozenset(planted(small_tree, "truncated", "zero_bytes"))
 
 
 def planted(tree: Path, *kinds: str) -> set[str]:

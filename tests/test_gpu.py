@@ -16,30 +16,21 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentSpec
 from pipeline.datasets import ImageIndex, index_train, index_val
 from pipeline.devkit import load_devkit
 from pipeline.loader import EvalLoader, TrainLoader
 from pipeline.processes import start_method
-from tests.conftest import CheckpointRecorder, planted, tree_with_a_pipeline_killer
+from tests.conftest import LOADER_CROP as CROP, CheckpointRecorder, train_loader, tree_with_a_pipeline_killer
 from training.placement import gpu_count
 
 DEVICE = os.environ.get("SENET_TEST_DEVICE", "gpu")
-CROP = 32
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "gpu" and gpu_count() == 0,
                                                   reason="needs a CUDA device (SENET_TEST_DEVICE=cpu runs these on the CPU)")]
 
 
 def loader(index: ImageIndex, device: str = DEVICE, **kw) -> TrainLoader:
-    args = dict(batch_size=6, rank=0, world_size=1, device=device, device_id=0 if device == "gpu" else None, seed=11,
-                sampling="class_aware", samples_per_epoch=None, aug=AugmentSpec(), crop_size=CROP, dtype="float16",
-                layout="NCHW", threads=2, py_workers=1, prefetch=2)
-    return TrainLoader(index, **{**args, **kw})
-
-
-@pytest.fixture(scope="module")
-def clean(small_tree: Path) -> tuple[ImageIndex, frozenset[str]]:
-    return index_train(small_tree), frozenset(planted(small_tree, "truncated", "zero_bytes"))
+    return train_loader(index, **{"device": device, "device_id": 0 if device == "gpu" else None, "threads": 2,
+                                  "py_workers": 1, **kw})
 
 
 def test_device_loader_matches_the_cpu_loader_on_the_same_draws(clean) -> None:

@@ -14,28 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.augment import AugmentSpec
-from pipeline.datasets import ImageIndex, index_train, index_val
+from pipeline.datasets import index_train, index_val
 from pipeline.devkit import load_devkit
-from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.loader import EvalLoader
 from pipeline.processes import child_pids, start_method
-from tests.conftest import planted, tree_with_a_pipeline_killer
-
-CROP = 32
-
-
-def train_loader(index: ImageIndex, **kw) -> TrainLoader:
-    args = dict(batch_size=6, rank=0, world_size=1, device="cpu", seed=11, sampling="class_aware",
-                samples_per_epoch=None, aug=AugmentSpec(), crop_size=CROP, dtype="float16", layout="NCHW", threads=1,
-                py_workers=0, prefetch=2, exclude=frozenset())
-    args.update(kw)
-    return TrainLoader(index, **args)
-
-
-@pytest.fixture(scope="module")
-def clean(small_tree: Path) -> tuple[ImageIndex, frozenset[str]]:
-    """The training index and the planted undecodable files (to exclude)."""
-    return index_train(small_tree), frozenset(planted(small_tree, "truncated", "zero_bytes"))
+from tests.conftest import LOADER_CROP as CROP, planted, train_loader, tree_with_a_pipeline_killer
 
 
 def test_batches_shape_length_and_labels(clean) -> None:

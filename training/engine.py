@@ -128,7 +128,7 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
             state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group,
                                       r.cfg.data.layout)
             r.log.write({"step": state.step, "epoch": epoch, **state.last_val})
-            if r.place.dist.is_main:
+            if r.place.is_main:
                 log.info("epoch %d: val top-1 %.4f, top-5 %.4f (%d images)", epoch + 1, state.last_val["val_top1"],
                          state.last_val["val_top5"], state.last_val["val_images"])
         state.epoch = epoch + 1
@@ -136,7 +136,7 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         if improved:
             state.best_top1 = state.last_val["val_top1"]
         path = save_checkpoint(r, state)
-        if improved and r.place.dist.is_main:
+        if improved and r.place.is_main:
             atomic_copy(path, path.with_name(BEST))
         distmod.barrier(r.group)
     return {"step": state.step, "epoch": state.epoch, "stopped": stopped, **state.last_val,
@@ -168,7 +168,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
         if state.step % cfg.log_every == 0:
             row = meter.flush(state.step, r.group)
             r.log.write({"step": state.step, "epoch": state.epoch, **row, "lr": lr})
-            if r.place.dist.is_main:
+            if r.place.is_main:
                 log.info("epoch %d step %d/%d: loss %.4f lr %.4g %.0f img/s data wait %.0f%%", state.epoch + 1,
                          state.step - state.epoch * steps_per_epoch, steps_per_epoch, row["loss"], lr,
                          row["images_per_s"], 100 * row["data_wait_fraction"])
@@ -184,7 +184,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
                 r.control.checkpoint_requested = False
                 r.control.on_checkpoint_saved(path, state.step)
                 if stop:
-                    if r.place.dist.is_main:
+                    if r.place.is_main:
                         log.info("stopping after the requested checkpoint at step %d", state.step)
                     return True
             state.mid_epoch = False
@@ -320,7 +320,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # -------------------------------------------------------------------------------------- checkpoints
 def write_run_files(r: Run) -> None:
     """The resolved config next to the checkpoints (rank 0)."""
-    if r.place.dist.is_main:
+    if r.place.is_main:
         r.out.mkdir(parents=True, exist_ok=True)
         (r.out / CONFIG).write_text(dump_yaml(r.cfg))
 
@@ -354,7 +354,7 @@ def save_checkpoint(r: Run, state: TrainState) -> Path:
     signal delay and GraceTime must cover it.
     """
     path = r.out / CHECKPOINTS / LAST
-    if r.place.dist.is_main:
+    if r.place.is_main:
         start = time.perf_counter()
         atomic_save(checkpoint_state(r, state), path)
         r.log.write({"event": "checkpoint", "step": state.step, "write_s": round(time.perf_counter() - start, 4)})
@@ -364,7 +364,7 @@ def save_checkpoint(r: Run, state: TrainState) -> Path:
 def restore(r: Run, path: Path | None) -> TrainState:
     """Load `path` into the run's objects (or start fresh); trims metrics.jsonl to the checkpoint's step."""
     if path is None:
-        if r.place.dist.is_main and r.log.path.is_file():
+        if r.place.is_main and r.log.path.is_file():
             r.log.truncate_after(0)  # a fresh run in a used folder: start the log afresh too
         if r.cfg.train.init_from:  # a fresh run only: a resume continues from its own checkpoint
             done = initialize_from(r.model, r.cfg.model.arch, r.classes, Path(r.cfg.train.init_from).expanduser())
@@ -384,7 +384,7 @@ def restore(r: Run, path: Path | None) -> TrainState:
                        best_top1=float(ckpt.get("best_top1", -1.0)), last_val=dict(ckpt.get("last_val", {})))
     if state.mid_epoch:
         r.train_loader.load_state_dict(ckpt["loader"])
-    if r.place.dist.is_main:
+    if r.place.is_main:
         r.log.truncate_after(state.step)
         r.log.write({"event": "resume", "step": state.step})
         log.info("resumed from step %d (epoch %d, %s)", state.step, state.epoch + 1, path)

@@ -101,7 +101,6 @@ class Placement:
     device: str  # "gpu" or "cpu"
     gpu_index: int | None  # CUDA ordinal among the visible GPUs; None on the CPU
     backend: str  # process group backend: "nccl" or "gloo"
-    control_backend: str  # host-side agreements: always "gloo" (a CPU group)
     cpus: int  # this rank's CPU share
     cpu_rule: str  # how the share was derived, for the log
     dali_threads: int
@@ -112,6 +111,11 @@ class Placement:
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    @property
+    def control_backend(self) -> str:
+        """Host-side agreements: always a CPU group, never a GPU stream."""
+        return CONTROL_BACKEND
 
     @property
     def torch_device(self) -> torch.device:
@@ -163,10 +167,9 @@ def place(device: str, *, precision: str = "auto", threads: int | None = None, p
         prec = resolve_precision(precision, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Placement(dist=dist, device=device, gpu_index=gpu_index, backend=BACKENDS[device],
-                     control_backend=CONTROL_BACKEND, cpus=share, cpu_rule=rule,
-                     dali_threads=threads or max(1, share - py_workers), py_workers=py_workers, torch_threads=share,
-                     precision=prec)
+    return Placement(dist=dist, device=device, gpu_index=gpu_index, backend=BACKENDS[device], cpus=share,
+                     cpu_rule=rule, dali_threads=threads or max(1, share - py_workers), py_workers=py_workers,
+                     torch_threads=share, precision=prec)
 
 
 def place_run(cfg: Config, dist: DistInfo | None = None, env: Mapping[str, str] | None = None,
