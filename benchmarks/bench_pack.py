@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_check import photo_tree  # noqa: E402
-from pipeline.pack import INDEX_DTYPE, PACK_FILE, PACK_FORMAT, PackSpec, pack  # noqa: E402
+from pipeline.pack_reader import INDEX_DTYPE, PACK_FILE, PACK_FORMAT  # noqa: E402
+from pipeline.pack_writer import PackSpec, pack  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 

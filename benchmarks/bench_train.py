@@ -42,7 +42,7 @@ from pipeline.loader import ResidentLoader  # noqa: E402
 from training import engine  # noqa: E402
 from training.build import Data, build  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.dist import DistInfo  # noqa: E402
+from training.ranks import DistInfo  # noqa: E402
 from training.placement import place  # noqa: E402
 
 

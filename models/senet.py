@@ -241,10 +241,9 @@ def senet154(**overrides: Any) -> SENet:
 
 # Small nets: about 1/4 of the standard widths and one block per stage, for tests and the CPU demo.
 # The tiny nets are for small inputs (48-96 px) on a CPU: a 3x3 stem at full resolution and a 2x2
-# max-pool before each stage instead of strided blocks. Measured on 6 synthetic classes x 80 images at
-# 64 px, 4 epochs at batch 16 (one process, SGD lr 0.01): 0.75 val top-1 with max-pool downsampling,
-# 0.29 with strided blocks (chance 0.17); on such little data strided convolutions need many more
-# steps to become translation-tolerant shape detectors. The paper's nets above are unchanged.
+# max-pool before each stage instead of strided blocks: on little data, strided convolutions need many
+# more steps to become translation-tolerant shape detectors (the comparison that chose this, with its
+# machine: benchmarks/RESULTS_models.md, "Tiny nets"). The paper's nets above are unchanged.
 _TINY = dict(depths=(1, 1, 1, 1), base_channels=16, stem_channels=16, stem="3x3", downsample="maxpool", **_SE)
 
 

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.datasets import DEFAULT_CACHE_DIR, ImageIndex, index_train, list_images, pack_index, tree_cache_folder
 from pipeline.devkit import DEVKIT_DIRNAME, find_devkit, load_devkit
 from pipeline.errors import DataError
-from pipeline.pack import BAD, file_crc32, is_pack
+from pipeline.pack_reader import BAD, SHARD_NAME, file_crc32, is_pack, read_manifest
 
 EXCLUDE_FILE = "exclude.txt"
 MIN_SIDE = 8  # smaller images cannot be cropped and resized meaningfully
@@ -148,7 +148,6 @@ def _check_pack(root: Path, cache_dir: str | Path, exclude_out: str | Path | Non
                 progress: Callable[[Iterator, int], Iterator]) -> CheckReport:
     """check-data of a pack: every shard's crc32 against the manifest, every sample decoded from its shard,
     the files found bad when packing listed as undecodable (they are in no shard)."""
-    from pipeline.pack import SHARD_NAME, read_manifest
 
     manifest = read_manifest(root)
     report = CheckReport(str(root), str(root / DEVKIT_DIRNAME) if (root / DEVKIT_DIRNAME).is_dir() else None)

@@ -17,14 +17,10 @@ decoder is `mixed` (nvJPEG, with the hardware JPEG decoder where the GPU has one
 runs on the GPU, and the label and colour matrix travel to the GPU inside the pipeline, ahead of time.
 
 Why batches and one packed row: per sample, a Python callback and each extra external_source output
-cost host time that does not shrink with more GPUs (measured in benchmarks/RESULTS_input.md: the
-`read` stage's CPU time per image fell by more than half).
-
-Measured on 2 CPU cores, one DALI thread, per image (benchmarks/RESULTS_input.md): warp_affine to
-float with clamped borders ~0.7 ms (to uint8: 1.3 ms; a fill value costs ~25 % more); DALI's
-coord_transform ~0.6 ms plus crop_mirror_normalize ~0.45 ms for the colour matrix and the fp16/CHW
-cast, where torch's baddbmm over the batch does all of it in ~0.35 ms; color_twist ~1.2 ms; an
-antialiased resize + crop_mirror_normalize (the crop_flip reference) ~1.7 ms.
+cost host time that does not shrink with more GPUs. Why these operators and not the textbook ones
+(warp_affine to float with clamped borders instead of resize + rotate, the colour pass after the
+iterator instead of coord_transform or color_twist, the fast IDCT): each was chosen by its measured
+cost per image, in benchmarks/RESULTS_input.md ("Where the time goes").
 
 Eval: decode -> resize the short side to crop/ratio (antialiased) -> centre crop, or ten crops (4
 corners + centre, and their mirrors), normalised.
@@ -109,8 +105,8 @@ def decoder_options(device: str, threads: int, hw_decoder_load: float = HW_DECOD
     would pin its decoder threads to the GPU's NVML CPU set, the same cores for every rank of a node,
     ignoring the task's own CPU binding.
     """
-    # libjpeg-turbo's fast integer IDCT: ~25 % faster decoding on the CPU (measured here), errors of a
-    # grey level or two at ImageNet's JPEG qualities, far below the colour jitter's changes.
+    # libjpeg-turbo's fast integer IDCT: faster decoding on the CPU (benchmarks/RESULTS_input.md), errors
+    # of a grey level or two at ImageNet's JPEG qualities, far below the colour jitter's changes.
     if device != "gpu":
         return {"device": "cpu", "use_fast_idct": True}
     per_thread = DECODING_PIPELINES * max(1, threads)

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.devkit import Devkit
 from pipeline.errors import DataError
-from pipeline.pack import bad_paths, is_pack, load_index, read_manifest
+from pipeline.pack_reader import PackedSamples, PathsView, bad_paths, is_pack, load_index, read_manifest
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 INDEX_FORMAT = 1
@@ -31,7 +31,7 @@ DEFAULT_CACHE_DIR = "~/.cache/senet"
 class ImageIndex:
     """Images (paths relative to `root`) with their class index into `classes` (WNIDs, sorted).
 
-    The images are files under `root`, or, for a pack (`pipeline.pack`), the samples of its shards:
+    The images are files under `root`, or, for a pack (`pipeline.pack_reader`), the samples of its shards:
     `samples` reads them by offset, and `files` are their original paths.
     """
 
@@ -39,7 +39,7 @@ class ImageIndex:
     files: Sequence[str]
     labels: np.ndarray
     classes: tuple[str, ...]
-    samples: Any = None  # pipeline.pack.PackedSamples for a pack, else None
+    samples: Any = None  # pipeline.pack_reader.PackedSamples for a pack, else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -177,8 +177,6 @@ def pack_index(pack_dir: str | Path, split: str, strip: int = 0) -> ImageIndex:
     """A split of a pack as an ImageIndex: memory-mapped records and paths, bad files included (see
     `load_exclusions`), in the order of the tree it was packed from. `strip` drops a path prefix
     (e.g. "test/" for prediction on PACK/test)."""
-    from pipeline.pack import PackedSamples, PathsView
-
     manifest = read_manifest(pack_dir)
     if split not in manifest["splits"]:
         raise DataError(f"{pack_dir}: the pack has no {split} split (it has {', '.join(manifest['splits'])})")

@@ -88,8 +88,8 @@ def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype,
     Returns:
         A new tensor (B, 3, H, W) or (B, H, W, 3) of `dtype`.
 
-    Measured on 2 CPU cores: ~0.35 ms per 224x224 image, where DALI's coord_transform plus its
-    fp16/CHW cast cost ~1 ms; one bmm with a transposed operand writes CHW directly.
+    One bmm with a transposed operand writes CHW directly: cheaper than DALI's coord_transform plus its
+    fp16/CHW cast (per-image costs: benchmarks/RESULTS_input.md, "Where the time goes").
     """
     b, h, w, c = images.shape
     pixels = images.reshape(b, h * w, c)
@@ -112,8 +112,8 @@ def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype,
 @contextlib.contextmanager
 def _one_torch_thread(device: torch.device) -> Iterator[None]:
     """On the CPU, run the colour product on this thread only: DALI's threads already hold the task's
-    cores, and torch's other OpenMP threads would spin against them (measured here: the product then
-    costs 0.35 CPU ms per image instead of ~0.75)."""
+    cores, and torch's other OpenMP threads would spin against them (about twice the CPU time per image:
+    benchmarks/RESULTS_input.md)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield

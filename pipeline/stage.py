@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DataError
-from pipeline.pack import SHARD_NAME, PackedSamples, read_manifest
+from pipeline.pack_reader import SHARD_NAME, PackedSamples, read_manifest
 
 log = logging.getLogger("senet.input")
 MARKER = ".staged"

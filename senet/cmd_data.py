@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from pipeline.datasets import DEFAULT_CACHE_DIR
-from senet.cli import UsageError, progress_bar, write_json
+from senet.console import UsageError, progress_bar, write_json
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
@@ -52,7 +52,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from pipeline.pack import SPLITS, PackSpec, pack
+    from pipeline.pack_reader import SPLITS
+    from pipeline.pack_writer import PackSpec, pack
 
     try:
         spec = PackSpec(shard_bytes=parse_bytes(args.shard_size), max_side=args.max_side, quality=args.quality,
@@ -96,7 +97,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from training.report import write_report
+    from senet.report import write_report
 
     if not Path(args.demo).is_dir():
         raise UsageError(f"{args.demo}: no such folder (run `make demo` first)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from senet.cli import UsageError, add_exclusion_options, write_json
+from senet.console import UsageError, add_exclusion_options, write_json
 
 
 def _index(args: argparse.Namespace):

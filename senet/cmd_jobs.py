@@ -1,6 +1,6 @@
 """`senet submit`, `senet jobs`, `senet logs`, `senet cancel`: training runs as Slurm jobs.
 
-The work is `slurm.launch` (run folder, sbatch parameters, submitit) and `slurm.queue` (squeue, sacct,
+The work is `slurm.submit` (run folder, sbatch parameters, submitit) and `slurm.queue` (squeue, sacct,
 scancel); Slurm's client commands read SLURM_CONF from the environment.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from senet.cli import Failure, UsageError, write_json
+from senet.console import Failure, UsageError, write_json
 from training.config import load_config
 
 POLL_S = 0.5  # --follow: how often logs and the job's state are read
@@ -18,33 +18,36 @@ NOT_HERE = " (as this host sees it; --no-preflight submits anyway, for data that
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from slurm import launch
+    from slurm.client import SubmitError
+    from slurm.options import apply_cli
+    from slurm.sbatch import check_job_config, sbatch_script, tasks_per_node
+    from slurm.submit import submit
     from training.build import preflight
 
     if args.resume:
         return resubmit(args)
     if not args.config:
         raise UsageError("give a CONFIG to submit, or --resume RUN_DIR to continue a run")
-    overrides = launch.apply_cli(args.set, args.nodes, args.gpus_per_node, args.partition, args.time, args.account,
+    overrides = apply_cli(args.set, args.nodes, args.gpus_per_node, args.partition, args.time, args.account,
                                  args.qos, args.out)
     cfg = load_config(args.config, overrides)
-    launch.check_job_config(cfg)
+    check_job_config(cfg)
     root = Path(cfg.slurm.output_root)
     if args.dry_run:
         run_dir = root / f"{Path(args.config).stem}-<UTC time>"
-        print(launch.sbatch_script(cfg, run_dir), end="")
+        print(sbatch_script(cfg, run_dir), end="")
         print(f"# dry run: nothing submitted; the run folder would be {run_dir}", file=sys.stderr)
         return 0
     if not args.no_preflight:  # what `senet train` would reject in its first second, refused before the queue
         preflight(cfg, NOT_HERE)
     try:
-        job = launch.submit(cfg, args.config, root, command=sys.argv)
-    except launch.SubmitError as e:
+        job = submit(cfg, args.config, root, command=sys.argv)
+    except SubmitError as e:
         raise Failure(str(e)) from None
     write_json(args.json, {"job_id": job.job_id, "run_dir": str(job.run_dir)})
     s = cfg.slurm
     out, err = job.log_paths(0)
-    print(f"submitted job {job.job_id}: {s.nodes} node(s) x {launch.tasks_per_node(cfg)} task(s)"
+    print(f"submitted job {job.job_id}: {s.nodes} node(s) x {tasks_per_node(cfg)} task(s)"
           f"{f', {s.gpus_per_node} GPUs per node' if s.gpus_per_node else ''}, partition {s.partition or '(default)'}, "
           f"{s.time_min} min per allocation")
     print(f"run folder: {job.run_dir}")
@@ -55,9 +58,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def resubmit(args: argparse.Namespace) -> int:
     """`senet submit --resume RUN_DIR`: the run folder's config and code, a new job resuming from its last.pt."""
-    from slurm import launch
+    from slurm.client import SubmitError
+    from slurm.job_folder import RunFolderError
+    from slurm.submit import resubmit as resubmit_run
     from training.build import preflight
-    from training.config import load_config
     from training.run_folder import CONFIG
 
     given = [flag for flag, value in (("CONFIG", args.config), ("--set", args.set), ("--nodes", args.nodes),
@@ -68,10 +72,10 @@ def resubmit(args: argparse.Namespace) -> int:
     try:
         if not args.no_preflight and (run_dir / CONFIG).is_file():
             preflight(load_config(run_dir / CONFIG), NOT_HERE)
-        job, step = launch.resubmit(run_dir, command=sys.argv)
-    except launch.RunFolderError as e:
+        job, step = resubmit_run(run_dir, command=sys.argv)
+    except RunFolderError as e:
         raise UsageError(str(e)) from None
-    except launch.SubmitError as e:
+    except SubmitError as e:
         raise Failure(str(e)) from None
     write_json(args.json, {"job_id": job.job_id, "run_dir": str(job.run_dir), "resumed_from_step": step})
     print(f"submitted job {job.job_id}: continues {job.run_dir} from step {step} (its checkpoints/last.pt)")
@@ -81,17 +85,19 @@ def resubmit(args: argparse.Namespace) -> int:
 
 def cmd_demo_preemption(args: argparse.Namespace) -> int:
     """The demo's Slurm part (slurm.demo): the reference run as a job, preempted mid-run, compared bit for bit."""
-    from slurm import demo, launch, queue
+    from slurm import demo
+    from slurm.client import SlurmError, SubmitError
+    from slurm.sbatch import check_job_config
     from training.build import preflight
 
     cfg = load_config(args.config, [f"slurm.partition={args.partition}"])
-    launch.check_job_config(cfg)
+    check_job_config(cfg)
     preflight(cfg, NOT_HERE)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         r = demo.preempted_run(cfg, Path(args.config), Path(args.reference), out)
-    except (launch.SubmitError, queue.SlurmError, TimeoutError) as e:
+    except (SubmitError, SlurmError, TimeoutError) as e:
         raise Failure(str(e)) from None
     print(f"job {r['job_id']}: {' -> '.join(r['states'])}; preempted at step {r['preempted_at']}, resumed from step(s) "
           f"{r['resumed_at']}, {r['requeues']} requeue(s); run folder {r['run_dir']}")
@@ -103,10 +109,11 @@ def cmd_demo_preemption(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from slurm import queue
+    from slurm.client import SlurmError
 
     try:
         jobs = queue.list_jobs()
-    except queue.SlurmError as e:
+    except SlurmError as e:
         raise Failure(str(e)) from None
     if not jobs:
         print(f"no senet jobs since {queue.HISTORY}")
@@ -119,16 +126,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from slurm import launch, queue
+    from slurm import queue
+    from slurm.client import SlurmError
+    from slurm.job_folder import LOGS, log_paths
 
     try:
         run_dir = queue.run_dir_of(args.job)
-    except queue.SlurmError as e:
+    except SlurmError as e:
         raise Failure(str(e)) from None
-    paths = [p for p, wanted in zip(launch.log_paths(run_dir, args.job, args.rank), ("out", "err"))
+    paths = [p for p, wanted in zip(log_paths(run_dir, args.job, args.rank), ("out", "err"))
              if args.stream in (wanted, "both")]
     if not any(p.exists() for p in paths):
-        present = sorted({int(p.name.split("_")[1]) for p in (run_dir / launch.LOGS).glob(f"{args.job}_*_log.*")})
+        present = sorted({int(p.name.split("_")[1]) for p in (run_dir / LOGS).glob(f"{args.job}_*_log.*")})
         if present:
             raise Failure(f"job {args.job} has no rank {args.rank}; its ranks: {', '.join(map(str, present))}")
         if not args.follow:
@@ -166,11 +175,12 @@ def show_new(path: Path, offset: int, label: bool) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from slurm import queue
+    from slurm.client import SlurmError
 
     try:
         run_dir = queue.run_dir_of(args.job)
         queue.cancel(args.job)
-    except queue.SlurmError as e:
+    except SlurmError as e:
         raise Failure(str(e)) from None
     print(f"cancelled job {args.job}; its run folder {run_dir} keeps the last checkpoint")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from senet.cli import Failure, UsageError, write_json
+from senet.console import Failure, UsageError, write_json
 
 
 def cmd_complexity(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.devkit import load_devkit, read_ground_truth
-from senet.cli import Failure, UsageError, add_exclusion_options, write_json
+from senet.console import Failure, UsageError, add_exclusion_options, write_json
 from training.submission import ensemble, load_scores, read_submission, score, top_ids, write_submission
 
 

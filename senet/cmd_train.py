@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from senet.cli import Failure, UsageError, write_json
+from senet.console import Failure, UsageError, write_json
 from training.config import Config, ConfigError, load_config
 from training.run_folder import default_out, save_given_config
 

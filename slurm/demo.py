@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm import launch, queue
+from slurm import queue
+from slurm.client import slurm_command
+from slurm.submit import submit
 from training.checkpoint import load_checkpoint, parameters_digest
 from training.config import Config
 from training.metrics import read_metrics
@@ -36,10 +38,10 @@ def preempted_run(cfg: Config, config_path: Path, reference: Path, out: Path, *,
         steps and parameter digests of both runs, and identical.
 
     Raises:
-        launch.SubmitError, queue.SlurmError: Slurm refused or failed; TimeoutError: the job did not end.
+        slurm.client.SubmitError, SlurmError: Slurm refused or failed; TimeoutError: the job did not end.
     """
     total = max(r["step"] for r in read_metrics(reference / METRICS) if "step" in r)
-    job = launch.submit(cfg, config_path, Path(cfg.slurm.output_root), command=["senet", "demo-preemption"])
+    job = submit(cfg, config_path, Path(cfg.slurm.output_root), command=["senet", "demo-preemption"])
     (out / "slurm.json").write_text(json.dumps({"job_id": job.job_id, "run_dir": str(job.run_dir)}, indent=1) + "\n")
     deadline = time.monotonic() + timeout_s
     logged = 0
@@ -48,12 +50,12 @@ def preempted_run(cfg: Config, config_path: Path, reference: Path, out: Path, *,
         if queue.job_state(job.job_id) not in queue.ACTIVE:
             break  # it ended early: the comparison below says so
         logged = _last_step(job.run_dir)
-    urgent = queue.slurm_command("sbatch", "--parsable", f"--partition={urgent_partition}",
+    urgent = slurm_command("sbatch", "--parsable", f"--partition={urgent_partition}",
                                  f"--nodes={cfg.slurm.nodes}", "--exclusive", "--output=/dev/null",
                                  f"--job-name={URGENT_JOB}", "--wrap", "sleep 1").strip()
     while queue.job_state(job.job_id) in queue.ACTIVE:
         _wait(deadline, f"job {job.job_id} to end")
-    states = [s.split()[0] for s in queue.slurm_command("sacct", "-n", "-X", "-P", "--duplicates", "-j", job.job_id,
+    states = [s.split()[0] for s in slurm_command("sacct", "-n", "-X", "-P", "--duplicates", "-j", job.job_id,
                                                         "-o", "State").split()]
     resumed = [r["step"] for r in read_metrics(job.run_dir / METRICS) if r.get("event") == "resume"]
     ours, theirs = (load_checkpoint(run / CHECKPOINTS / LAST) for run in (job.run_dir, reference))

@@ -41,7 +41,7 @@ import submitit
 import torch
 
 from training.config import Config
-from training.dist import DistInfo
+from training.ranks import DistInfo
 from training.control import RunControl
 from training.engine import run
 from training.placement import place_run

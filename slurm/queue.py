@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import getpass
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from slurm.launch import JOB_PREFIX, NO_CONFIGURATION_HINT, no_configuration
+from slurm.client import SlurmError, slurm_command
+from slurm.job_folder import JOB_PREFIX
 
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
           "SUSPENDED", "STOPPED", "PREEMPTED", "SIGNALING", "STAGE_OUT"}  # states a job can leave by itself
 HISTORY = "now-7days"  # how far back `senet jobs` looks in accounting
-
-
-class SlurmError(Exception):
-    """A Slurm command failed or a job is unknown; one line saying why (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -31,24 +27,6 @@ class JobInfo:
     elapsed: str
     nodes: str
     run_dir: str
-
-
-def slurm_command(*args: str, timeout: float = 30) -> str:
-    """stdout of a Slurm client command; its first error line as a SlurmError when it fails."""
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise SlurmError(f"{args[0]} not found: run on a Slurm login node (or `make slurm-up` and "
-                         f"`source .slurm-local/env` for the local test cluster)") from None
-    except subprocess.TimeoutExpired:
-        raise SlurmError(f"{' '.join(args)} did not answer within {timeout:.0f} s; is slurmctld up?") from None
-    if done.returncode:
-        if no_configuration(done.stderr):
-            raise SlurmError(f"{args[0]} cannot find the cluster ({NO_CONFIGURATION_HINT})")
-        lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()] or [f"exit status {done.returncode}"]
-        message = re.sub(r"^[\w-]+: error: ", "", lines[0])
-        raise SlurmError(f"{args[0]}: {message}")
-    return done.stdout
 
 
 def list_jobs() -> list[JobInfo]:

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.datasets import index_file_list, index_train, index_val, list_images, load_exclusions, tree_cache_folder
 from pipeline.devkit import find_devkit, load_devkit, read_ground_truth
 from pipeline.errors import DataError
-from pipeline.synthetic import SyntheticSpec, class_looks, make_synthetic, render
-from tests.conftest import SMALL
+from pipeline.synthetic import class_looks, render
+from tests.helpers import SMALL
 
 
 def test_layout_is_exactly_ilsvrc2012(small_tree: Path) -> None:

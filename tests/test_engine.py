@@ -17,9 +17,9 @@ from training import engine
 from training.build import Data, build
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, unwrap
 from training.config import Config, ConfigError, OptimConfig, load_config
-from tests.conftest import CheckpointRecorder
+from tests.helpers import CheckpointRecorder
 from training.control import RunControl
-from training.dist import DistInfo
+from training.ranks import DistInfo
 from training.placement import place_run
 from training.metrics import MetricsLog, read_metrics
 from training.optim import LRSchedule, build_optimizer, param_groups, real_apex_fused_sgd

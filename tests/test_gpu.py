@@ -20,7 +20,7 @@ from pipeline.datasets import ImageIndex, index_train, index_val
 from pipeline.devkit import load_devkit
 from pipeline.loader import EvalLoader, TrainLoader
 from pipeline.processes import start_method
-from tests.conftest import LOADER_CROP as CROP, CheckpointRecorder, train_loader, tree_with_a_pipeline_killer
+from tests.helpers import LOADER_CROP as CROP, CheckpointRecorder, train_loader, tree_with_a_pipeline_killer
 from training.placement import gpu_count
 
 DEVICE = os.environ.get("SENET_TEST_DEVICE", "gpu")
@@ -113,7 +113,7 @@ def test_a_run_on_the_device_stops_checkpoints_and_resumes(small_tree: Path, tmp
     """The engine on the device: a requested stop mid-epoch, then a resume that finishes the run."""
     from training import engine
     from training.config import load_config
-    from training.dist import DistInfo
+    from training.ranks import DistInfo
     from training.placement import place_run
 
     sets = [f"data.root={small_tree}", "model.arch=se_resnext_tiny", "model.num_classes=6", f"train.device={DEVICE}",

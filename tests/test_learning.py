@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
-from tests.conftest import LEARN_EPOCHS, train_demo_recipe
+from tests.helpers import LEARN_EPOCHS, train_demo_recipe
 from training.metrics import read_metrics
 
 SEEDS = (0, 1, 2, 3, 4)

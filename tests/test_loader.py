@@ -18,7 +18,7 @@ from pipeline.datasets import index_train, index_val
 from pipeline.devkit import load_devkit
 from pipeline.loader import EvalLoader
 from pipeline.processes import child_pids, start_method
-from tests.conftest import LOADER_CROP as CROP, planted, train_loader, tree_with_a_pipeline_killer
+from tests.helpers import LOADER_CROP as CROP, planted, train_loader, tree_with_a_pipeline_killer
 
 
 def test_batches_shape_length_and_labels(clean) -> None:

@@ -19,9 +19,10 @@ import pytest
 
 from pipeline.datasets import index_train, load_exclusions
 from pipeline.errors import DataError
-from pipeline.pack import BAD, SHARD_NAME, PackSpec, load_index, pack, read_manifest
+from pipeline.pack_reader import BAD, SHARD_NAME, load_index, read_manifest
+from pipeline.pack_writer import PackSpec, pack
 from pipeline.stage import MARKER, stage
-from tests.conftest import planted
+from tests.helpers import planted
 from training.checkpoint import load_checkpoint, parameters_digest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.dali import HW_DECODER_LOAD, decoder_options, pinned_decoder_bytes
 from training.config import ConfigError, DataConfig, load_config
-from training.dist import DistInfo
+from training.ranks import DistInfo
 from training.placement import HostCpus, PlacementError, check_node, cpu_share, input_shm_bytes, place, place_run
 
 

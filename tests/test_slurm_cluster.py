@@ -6,38 +6,14 @@ stops and wipes it. Needs root, like the Makefile targets.
 from __future__ import annotations
 
 import os
-import shlex
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import submitit
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV_FILE = ROOT / ".slurm-local" / "env"
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """The `export NAME=value` lines of a shell file, as a dict."""
-    env = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            name, value = words[1].split("=", 1)
-            env[name] = value
-    return env
-
-
-def start_cluster() -> dict[str, str]:
-    """`make slurm-up` (idempotent) and the cluster's environment; skips without root."""
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (it starts daemons); run the tests as root")
-    started = subprocess.run(["make", "-s", "slurm-up"], cwd=ROOT, capture_output=True, text=True)
-    if started.returncode != 0:
-        pytest.fail(f"make slurm-up failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
-    return read_env_file(ENV_FILE)
+from tests.helpers import job_state, sacct_states, slurm, start_cluster, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -48,30 +24,6 @@ def cluster() -> Iterator[dict[str, str]]:
         for name, value in cluster_env.items():
             mp.setenv(name, value)  # submitit calls sbatch/sacct with os.environ
         yield cluster_env
-
-
-def slurm(*args: str) -> str:
-    """Run a Slurm client command and return its stdout."""
-    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition` every 0.2 s; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.2)
-
-
-def job_state(job_id: str) -> str:
-    """The state squeue reports, or '' once the job has left the queue."""
-    return slurm("squeue", "-h", "-j", job_id, "-o", "%T").strip()
-
-
-def sacct_states(job_id: str) -> list[str]:
-    """Accounting states of each run of the job's allocation, oldest first (requeues included)."""
-    return slurm("sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id, "-o", "State").split()
 
 
 def test_two_idle_nodes_with_eight_gpus(cluster: dict[str, str]) -> None:
@@ -101,7 +53,6 @@ def test_sbatch_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Path
 def test_submitit_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Path) -> None:
     # Defined here so cloudpickle sends it by value: the job cannot import this test module.
     def where_am_i() -> tuple[str, str, str]:
-        import os
         import socket
 
         import submitit

@@ -24,11 +24,11 @@ import submitit
 import torch
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
-from slurm.launch import check_job_config, parse_time, sbatch_parameters
+from slurm.sbatch import check_job_config, parse_time, sbatch_parameters
 from senet.cli import main
 from training.config import ConfigError, load_config
 from training.metrics import read_metrics
-from tests.test_slurm_cluster import start_cluster, slurm, wait_until  # one copy of the cluster helpers
+from tests.helpers import sacct_states, slurm, start_cluster, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 4  # 2 nodes x 2 tasks
@@ -44,12 +44,6 @@ JOB_TIMEOUT_S = 180  # a requeue cycle takes ~22 s here, a job start ~10 s on th
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def sacct_states(job_id: str) -> list[str]:
-    """Accounting states of each run of the job, oldest first (requeues included)."""
-    return [line.split()[0] for line in slurm("sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id,
-                                              "-o", "State").splitlines() if line.strip()]
-
-
 def in_queue(job_id: str) -> bool:
     return bool(slurm("squeue", "-h", "-j", job_id, "-o", "%T").strip())
 
@@ -302,7 +296,8 @@ def test_resume_of_a_folder_without_a_checkpoint_is_one_line(cluster: dict[str, 
 def test_a_job_from_a_pack_staged_on_both_nodes_ends_like_the_tree_run(
         cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest) -> None:
     """The two local 'nodes' share one disk: their ranks stage into one folder, under per-shard locks."""
-    from pipeline.pack import PackSpec, pack, read_manifest
+    from pipeline.pack_reader import read_manifest
+    from pipeline.pack_writer import PackSpec, pack
 
     packed = workspace / "pack"
     pack(workspace / "data", packed, ("train", "val"), PackSpec(shard_bytes=64 << 10, workers=2))

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
 from senet.cli import main
-from tests.conftest import LEARN_EPOCHS
+from tests.helpers import LEARN_EPOCHS
 from training.metrics import read_metrics
 
 needs_loader = pytest.mark.skipif(importlib.util.find_spec("pipeline.loader") is None

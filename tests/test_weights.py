@@ -152,7 +152,7 @@ def test_a_run_starts_from_a_checkpoint_keeping_the_rows_of_shared_classes(learn
 
 
 def test_init_from_in_a_run_and_resume_takes_precedence(learned: dict[str, Path], tmp_path: Path) -> None:
-    from tests.conftest import train_demo_recipe
+    from tests.helpers import train_demo_recipe
 
     best = learned["run"] / "checkpoints" / "best.pt"
     sets = (f"train.init_from={best}", "train.epochs=1", "data.samples_per_epoch=64")

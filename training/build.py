@@ -164,7 +164,7 @@ def preflight(cfg: Config, root_hint: str = "") -> None:
             missing train.init_from file.
     """
     from models import list_models
-    from pipeline.pack import is_pack, read_manifest
+    from pipeline.pack_reader import is_pack, read_manifest
 
     root = Path(cfg.data.root).expanduser()
     if not cfg.data.root or not root.is_dir():

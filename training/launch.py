@@ -19,7 +19,7 @@ from pipeline.processes import become_subreaper, child_pids, kill_children
 
 def launch_ranks(command: Sequence[str], nproc: int, extra_env: Mapping[str, str] | None = None) -> int:
     """Run `command` as ranks 0..nproc-1 on this machine; returns the first failure's status, else 0."""
-    from training.dist import DistInfo, free_port
+    from training.ranks import DistInfo, free_port
 
     port = free_port()
     become_subreaper()  # a SIGKILLed rank's DALI workers are adopted by us, not by init

@@ -37,7 +37,7 @@ from typing import Mapping
 import torch
 
 from training.config import Config, ConfigError
-from training.dist import DistInfo
+from training.ranks import DistInfo
 from training.precision import Precision, resolve_precision
 
 log = logging.getLogger("senet.placement")

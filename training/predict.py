@@ -87,7 +87,7 @@ def image_index(folder: str | Path) -> ImageIndex:
     """Every image of a flat folder, in ascending file-name order, unlabelled; or of a pack's split
     folder (PACK/test), in the order it was packed (the same)."""
     from pipeline.datasets import pack_index
-    from pipeline.pack import split_of
+    from pipeline.pack_reader import split_of
 
     packed = split_of(folder)
     if packed is not None:

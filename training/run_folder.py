@@ -6,7 +6,7 @@ that read them (predict, the demo's report, the Slurm commands) all agree on it.
     RUN/metrics.jsonl        one JSON row per log step, validation, resume and checkpoint write
     RUN/curves.png           loss, learning rate and validation accuracy against the step
 
-A Slurm job adds its own (job.json, logs/, code/: slurm.launch).
+A Slurm job adds its own (job.json, logs/, code/: slurm.job_folder).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch
 from pipeline.loader import ResidentLoader, endless
 from training.build import Run, build, load_data
 from training.config import Config
-from training.dist import DistInfo
+from training.ranks import DistInfo
 from training.engine import prepare_batch, train_step
 from training.placement import place_run
 

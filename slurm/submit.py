@@ -1,0 +1,117 @@
+"""Submitting a training run as a Slurm job through submitit, and continuing a run whose job has ended.
+
+`submit` makes the run folder (`slurm.job_folder`) and hands the sbatch parameters (`slurm.sbatch`) and a
+`slurm.job.TrainJob` to submitit; `resubmit` continues such a run folder with a new job. The job itself
+goes back to the submission folder, so relative paths in the config mean what they mean to `senet train`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from slurm.client import SubmitError, explain_sbatch_error
+from slurm.job import TrainJob
+from slurm.job_folder import LOGS, RunFolderError, log_paths, now, prepare_run_dir, read_job_file, write_job_file
+from slurm.queue import ACTIVE, job_state
+from slurm.sbatch import check_job_config, sbatch_parameters, tasks_per_node
+from training.checkpoint import CheckpointError, peek_checkpoint
+from training.config import Config, load_config
+from training.run_folder import CHECKPOINTS, CONFIG, LAST
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    run_dir: Path
+
+    def log_paths(self, rank: int = 0) -> tuple[Path, Path]:
+        """stdout and stderr of one rank (submitit's names)."""
+        return log_paths(self.run_dir, self.job_id, rank)
+
+
+def submit(cfg: Config, config_path: str | Path, root: Path, command: list[str] | None = None) -> Submitted:
+    """Create the run folder and submit `cfg` as one Slurm job through submitit.
+
+    Args:
+        cfg: the resolved configuration (its `slurm` section sizes the job).
+        config_path: the config file as given (copied into the run folder).
+        root: the output root; must be on storage every node sees.
+        command: the command line, recorded in job.json.
+
+    Returns:
+        The job id and the run folder.
+
+    Raises:
+        ConfigError: inconsistent `slurm` settings. SubmitError: sbatch refused the job (one line).
+    """
+    check_job_config(cfg)
+    _need_sbatch()
+    run_dir = prepare_run_dir(cfg, config_path, root)
+    try:
+        job_id = _sbatch(cfg, run_dir, Path.cwd())
+    except SubmitError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing was submitted: leave no half run folder behind
+        raise
+    info = {"job_id": job_id, "run_dir": str(run_dir), "submitted": now(), "workdir": str(Path.cwd()),
+            "command": command or [], "nodes": cfg.slurm.nodes, "tasks_per_node": tasks_per_node(cfg),
+            "gpus_per_node": cfg.slurm.gpus_per_node, "jobs": [job_id]}
+    write_job_file(run_dir, info)
+    return Submitted(job_id, run_dir)
+
+
+def resubmit(run_dir: Path, command: list[str] | None = None) -> tuple[Submitted, int]:
+    """Continue a run whose job has ended (time limit after its last requeue, cancelled, node failure).
+
+    The new job is the old one again: the run folder's resolved config and code snapshot, the same
+    working folder, and `run(resume="auto")` from its last.pt, exactly as a requeue would; its logs and
+    metrics go to the same run folder, and job.json lists every job of the run.
+
+    Returns:
+        The new job and the step it will resume from.
+
+    Raises:
+        RunFolderError: not a run folder of `senet submit`, no usable checkpoint, or a job still queued or
+            running. ConfigError: its config no longer validates. SubmitError: sbatch refused the job.
+    """
+    run_dir = Path(run_dir).resolve()
+    info = read_job_file(run_dir)
+    state = job_state(str(info["job_id"]))
+    if state in ACTIVE:
+        raise RunFolderError(f"{run_dir}: its job {info['job_id']} is still {state}; it resumes by itself (or "
+                             f"`senet cancel {info['job_id']}` first)")
+    last = run_dir / CHECKPOINTS / LAST
+    try:
+        step = int(peek_checkpoint(last)["step"])
+    except CheckpointError as e:
+        raise RunFolderError(f"{run_dir}: no usable checkpoint to resume from ({e}); submit the config as a new run") \
+            from None
+    cfg = load_config(run_dir / CONFIG)
+    check_job_config(cfg)
+    _need_sbatch()
+    job_id = _sbatch(cfg, run_dir, Path(info.get("workdir") or run_dir))
+    info.update({"job_id": job_id, "jobs": [*info.get("jobs", [info["job_id"]]), job_id], "resubmitted": now(),
+                 "resumed_from_step": step, "resubmit_command": command or []})
+    write_job_file(run_dir, info)
+    return Submitted(job_id, run_dir), step
+
+
+def _need_sbatch() -> None:
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: run on a Slurm login node (or `make slurm-up` and "
+                          "`source .slurm-local/env` for the local test cluster)")
+
+
+def _sbatch(cfg: Config, run_dir: Path, workdir: Path) -> str:
+    """Submit the run folder's TrainJob through submitit; its job id."""
+    try:
+        executor = submitit.SlurmExecutor(folder=run_dir / LOGS, max_num_timeout=cfg.slurm.max_requeues)
+        executor.update_parameters(**sbatch_parameters(cfg, run_dir))
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
+            return executor.submit(TrainJob(cfg, run_dir, workdir)).job_id
+    except Exception as e:  # noqa: BLE001 - submitit raises plain exceptions for sbatch's refusals
+        raise SubmitError(explain_sbatch_error(str(e))) from None

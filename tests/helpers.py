@@ -1,0 +1,136 @@
+"""What several test modules share: small data specs, loader and cluster helpers, the demo recipe as a user runs it.
+
+Plain functions and constants, imported as `from tests.helpers import ...`; fixtures live in conftest.py.
+Nothing here imports submitit, so every module that uses it collects in a bare interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.augment import AugmentSpec
+from pipeline.datasets import ImageIndex, index_train
+from pipeline.loader import TrainLoader
+from pipeline.synthetic import SyntheticSpec
+from training.control import RunControl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = SyntheticSpec(classes=6, train_per_class=12, val_per_class=4, test=8, imbalance=3.0, corrupt=5, seed=7,
+                      min_side=64, max_side=160)
+
+
+LOADER_CROP = 32
+
+
+def train_loader(index: ImageIndex, **kw) -> TrainLoader:
+    """A small CPU TrainLoader (6 images of 32 px, class-aware); keywords override."""
+    args = dict(batch_size=6, rank=0, world_size=1, device="cpu", seed=11, sampling="class_aware",
+                samples_per_epoch=None, aug=AugmentSpec(), crop_size=LOADER_CROP, dtype="float16", layout="NCHW",
+                threads=1, py_workers=0, prefetch=2, exclude=frozenset())
+    return TrainLoader(index, **{**args, **kw})
+
+
+def planted(tree: Path, *kinds: str) -> set[str]:
+    """Root-relative paths of the files `make-synthetic --corrupt` planted, of these kinds."""
+    return {p["path"] for p in json.loads((tree / "synthetic.json").read_text())["planted"] if p["kind"] in kinds}
+
+
+def tree_with_a_pipeline_killer(tree: Path, dest: Path) -> tuple[ImageIndex, str]:
+    """`tree`'s training images less its undecodable ones, linked under `dest`, with one file broken so that
+    it passes the byte screen but kills the decoder (a bogus Huffman table). Returns the index and that file."""
+    index = index_train(tree)
+    keep = [i for i, f in enumerate(index.files) if f not in planted(tree, "truncated", "zero_bytes")]
+    index = ImageIndex(index.root, tuple(index.files[i] for i in keep), index.labels[keep], index.classes)
+    victim = index.files[3]
+    data = (index.root / victim).read_bytes()
+    for f in set(index.files):
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        (dest / f).symlink_to(index.root / f)
+    (dest / victim).unlink()
+    dht = data.find(b"\xff\xc4")  # the header and the end marker stay fine
+    (dest / victim).write_bytes(data[:dht + 5] + b"\xff" * 20 + data[dht + 25:])
+    return ImageIndex(dest, index.files, index.labels, index.classes), victim
+
+
+class CheckpointRecorder(RunControl):
+    """A RunControl that agrees on requests at every step and records the steps of the checkpoints it asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(check_every=1)
+        self.saved: list[int] = []
+
+    def on_checkpoint_saved(self, path: Path, step: int) -> None:
+        self.saved.append(step)
+
+
+LEARN_CLASSES = 6
+LEARN_EPOCHS = 4
+
+
+def train_demo_recipe(data: Path, cache: Path, out: Path, nproc: int, *sets: str) -> subprocess.CompletedProcess:
+    """`senet train configs/demo.yaml` on `data` (num_classes set to match), 4 epochs: the recipe a new user runs."""
+    classes = sum(1 for p in (data / "train").iterdir() if p.is_dir())
+    sets = (f"model.num_classes={classes}", f"data.root={data}", f"data.cache_dir={cache}",
+            f"train.epochs={LEARN_EPOCHS}", *sets)
+    return subprocess.run([sys.executable, "-m", "senet", "train", str(ROOT / "configs" / "demo.yaml"), "--nproc",
+                           str(nproc), "--out", str(out), *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------------- the local Slurm cluster
+ENV_FILE = ROOT / ".slurm-local" / "env"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The `export NAME=value` lines of a shell file, as a dict."""
+    env = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            env[name] = value
+    return env
+
+
+def start_cluster() -> dict[str, str]:
+    """`make slurm-up` (idempotent) and the cluster's environment; skips without root."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (it starts daemons); run the tests as root")
+    started = subprocess.run(["make", "-s", "slurm-up"], cwd=ROOT, capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"make slurm-up failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
+    return read_env_file(ENV_FILE)
+
+
+def slurm(*args: str) -> str:
+    """Run a Slurm client command and return its stdout."""
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` every 0.2 s; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def job_state(job_id: str) -> str:
+    """The state squeue reports, or '' once the job has left the queue."""
+    return slurm("squeue", "-h", "-j", job_id, "-o", "%T").strip()
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """Accounting states of each run of the job, oldest first (requeues included)."""
+    return [line.split()[0] for line in slurm("sacct", "-n", "-X", "-P", "--duplicates", "-j", job_id,
+                                              "-o", "State").splitlines() if line.strip()]
