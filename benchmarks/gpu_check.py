@@ -75,6 +75,8 @@ def supervise(name: str, device: str, profile: Profile, out: Path, timeout: floa
     and everything it started at `timeout`."""
     part, log = out / "sections" / f"{name}.json", out / "sections" / f"{name}.log"
     part.unlink(missing_ok=True)
+    for key in result["sections"].pop(name, {}).get("keys", []):  # an earlier run's figures of this section
+        result.pop(key, None)
     start = time.monotonic()
     cmd = [sys.executable, __file__, "--device", device, "--profile", profile.name, "--out", str(out),
            "--section", name, "--section-timeout", str(timeout)]
@@ -115,7 +117,8 @@ def merge(result: dict[str, Any], name: str, section: dict, status: str, seconds
     error = section.pop("error", "")
     section.pop("traceback", None)
     result.update(section)
-    result["sections"][name] = {"status": status, "seconds": round(seconds, 1), **({"error": error} if error else {})}
+    result["sections"][name] = {"status": status, "seconds": round(seconds, 1), **({"error": error} if error else {}),
+                                "keys": sorted(section)}
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
