@@ -50,9 +50,11 @@ def declared_packages() -> set[str]:
     return {r.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower() for r in requirements}
 
 
-def bare_interpreter(folder: Path) -> dict[str, str]:
-    """An environment whose Python cannot import senet's packages beyond the bare list (a sitecustomize shim)."""
-    absent = sorted(p for p in declared_packages() - BARE_INTERPRETER if not p.startswith("nvidia-dali"))
+def bare_interpreter(folder: Path, absent: list[str] | None = None) -> dict[str, str]:
+    """An environment whose Python cannot import `absent` (default: senet's packages beyond the bare list):
+    a sitecustomize shim, first on PYTHONPATH."""
+    if absent is None:
+        absent = sorted(p for p in declared_packages() - BARE_INTERPRETER if not p.startswith("nvidia-dali"))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(BLOCKER.format(names=absent))
     env = {**os.environ, "PYTHONPATH": str(folder)}
@@ -122,6 +124,16 @@ def test_install_picks_one_dali_for_the_machine() -> None:
         assert uninstall < plan.index(installs[0])  # the other flavour goes first: both write nvidia/dali/
     wrong = subprocess.run(["make", "-n", "install", "CUDA=11"], cwd=ROOT, capture_output=True, text=True)
     assert wrong.returncode != 0 and "CUDA=11" in wrong.stderr
+
+
+def test_without_dali_senet_names_the_extra_to_install(tmp_path: Path) -> None:
+    """`pip install senet` without an extra has no DALI: one line saying which to install, exit 1."""
+    env = bare_interpreter(tmp_path / "no_dali", ["nvidia"])
+    env["PYTHONPATH"] += os.pathsep + str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "senet", "bench-input", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "NVIDIA DALI is not installed" in done.stderr and "make install CUDA=12" in done.stderr
 
 
 @pytest.mark.slow
