@@ -4,18 +4,37 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SENET := $(VENV)/bin/senet
-# CPU wheel by default (found on local disk here). GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# CUDA= (empty): a machine without a GPU: torch's CPU wheel and the CUDA 12 DALI, which runs CPU pipelines too.
+# CUDA=12 / CUDA=13: torch's and DALI's builds for that CUDA major, together (README: GPU machines).
+# One DALI per environment: nvidia-dali-cuda120 and -cuda130 write the same nvidia/dali/ files, so the other
+# flavour is uninstalled before this one is installed.
+CUDA ?=
+ifeq ($(CUDA),)
 TORCH_SPEC ?= torch==2.13.0
+DALI_EXTRA := cuda12
+else ifeq ($(CUDA),12)
+TORCH_SPEC ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+DALI_EXTRA := cuda12
+else ifeq ($(CUDA),13)
+TORCH_SPEC ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130
+DALI_EXTRA := cuda13
+else
+$(error CUDA=$(CUDA): use CUDA=12 or CUDA=13 for a GPU machine, or leave it empty for a CPU-only one)
+endif
+DALI_OTHER := $(if $(filter cuda12,$(DALI_EXTRA)),nvidia-dali-cuda130,nvidia-dali-cuda120)
 DEMO := demo
 
 .PHONY: install test demo slurm-up slurm-down gpu-check clean
 
-install: $(VENV)/.installed
+# One stamp per flavour: `make install CUDA=13` after a CPU install reinstalls.
+STAMP := $(VENV)/.installed-$(if $(CUDA),cuda$(CUDA),cpu)
+install: $(STAMP)
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,tensorboard]'
+	$(PY) -m pip uninstall -q -y $(DALI_OTHER) 2>/dev/null || true
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,tensorboard,$(DALI_EXTRA)]'
 	@# The reference SENets for tests/test_weights.py, without its dependencies (they would pull torchvision
 	@# and another torch); without it those tests are skipped, saying why.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps pretrainedmodels \
@@ -51,12 +70,14 @@ demo: install
 	@echo "demo results are in $(DEMO)/ - start with $(DEMO)/REPORT.md"
 
 # The GPU path end to end on this machine (benchmarks/gpu_check.py): no install, no network; PYTHON is any
-# interpreter with torch, DALI, numpy, pillow, scipy, pyyaml and pytest. DEVICE=cpu: the same with small sizes.
-# SECTIONS=input,train reruns a few sections and keeps the others' results.
+# interpreter with torch, DALI, numpy, pillow, scipy, pyyaml and pytest. QUICK=1: the profile for a short
+# window (a borrowed node); DEVICE=cpu: the same with small sizes. SECTIONS=input,train reruns a few sections
+# and keeps the others' results; TIMEOUTS=train=900 gives a section more time.
 DEVICE ?= gpu
 GPU_CHECK_OUT ?= gpu-check
 gpu-check:
-	DEVICE=$(DEVICE) GPU_CHECK_OUT=$(GPU_CHECK_OUT) SECTIONS=$(SECTIONS) PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py
+	DEVICE=$(DEVICE) QUICK=$(QUICK) GPU_CHECK_OUT=$(GPU_CHECK_OUT) SECTIONS=$(SECTIONS) TIMEOUTS=$(TIMEOUTS) \
+	  PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/gpu_check.py
 
 slurm-up:
 	slurm/cluster/up.sh

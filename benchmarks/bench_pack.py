@@ -1,7 +1,7 @@
 """Files vs a pack vs a staged pack: opens and bytes per epoch, images/s of `read` and `full`; pack
 throughput; the index of a 1.28 M-sample split.
 
-1. Writes (once) a tree of ImageNet-like JPEGs (500x375, q90, ~100 KB: benchmarks/gpu_check.py's
+1. Writes (once) a tree of ImageNet-like JPEGs (500x375, q90, ~100 KB: benchmarks/gpu_sections.py's
    generator), packs it (`senet pack`, timed: images/s and MB/s on this machine's cores), and stages
    the pack into a second folder (timed).
 2. Runs `senet bench-input --stages read,full` on the tree, the pack and the staged copy, each under
@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_check import photo_tree  # noqa: E402
+from benchmarks.gpu_sections import photo_tree  # noqa: E402
 from pipeline.pack_reader import INDEX_DTYPE, PACK_FILE, PACK_FORMAT  # noqa: E402
 from pipeline.pack_writer import PackSpec, pack  # noqa: E402
 

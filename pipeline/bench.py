@@ -9,6 +9,8 @@ Stages, each timed over the same class-aware sample order after a warm-up:
              class-aware sampling, the copy into torch tensors
   naive      (only on request) the same augmentation as separate DALI passes: decode the crop,
              resize, rotate, color_twist, crop_mirror_normalize
+  decode_region  (only on request) + decoding only each sample's random-size crop region, nothing
+             after it: the training graph's decoder (image_slice) beside `decode`'s whole images
 The baseline is the same full augmentation done the torchvision way: a torch DataLoader whose
 workers (as many as DALI has threads) decode with PIL and crop-resize, flip, rotate, jitter
 brightness/contrast/saturation(/hue) with PIL, then normalise with numpy to the same dtype/layout.
@@ -38,7 +40,7 @@ from pipeline.sampling import ClassAwareSampler
 STAGES = ("read", "decode", "crop_flip", "full")
 # Not run by default: the textbook graph (crop, resize, then rotate, color_twist, crop_mirror_normalize
 # as separate passes), to show what the engineered `full` graph saves.
-EXTRA_STAGES = ("naive",)
+EXTRA_STAGES = ("naive", "decode_region")
 
 log = logging.getLogger("senet.bench")
 
@@ -123,7 +125,7 @@ class NaiveSource:
 @pipeline_def
 def stage_pipeline(source: Any, stage: str, decoder: dict[str, Any], crop_size: int, dtype: str, layout: str,
                    parallel: bool, source_prefetch: int):
-    """The graph of one bench stage (read, decode, crop_flip or naive)."""
+    """The graph of one bench stage (read, decode, decode_region, crop_flip or naive)."""
     ahead = {"prefetch_queue_depth": source_prefetch} if parallel else {}
     if stage == "read":
         return tuple(fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True, parallel=parallel,
@@ -144,6 +146,8 @@ def stage_pipeline(source: Any, stage: str, decoder: dict[str, Any], crop_size: 
     if stage == "decode":
         return fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder), params, ids
     p = unpack_params(params)
+    if stage == "decode_region":
+        return decode_region(jpegs, p, decoder), ids
     images = fn.resize(decode_region(jpegs, p, decoder), size=[crop_size, crop_size])
     return normalize(images, dtype, layout, mirror=p["mirror"]), ids
 

@@ -112,8 +112,11 @@ def decoder_options(device: str, threads: int, hw_decoder_load: float = HW_DECOD
     per_thread = DECODING_PIPELINES * max(1, threads)
     host = int(np.clip(PINNED_BUDGET // (2 * per_thread), *HOST_PADDING_RANGE))
     dev = int(np.clip(DEVICE_BUDGET // per_thread, *DEVICE_PADDING_RANGE))
+    # jpeg_fancy_upsampling: nvJPEG interpolates the subsampled chroma planes as libjpeg-turbo (the CPU
+    # decoder) does by default, instead of replicating them; without it the two decoders differ at every
+    # colour edge, and the GPU would train on other pixels than the CPU path and the tests compare.
     return {"device": "mixed", "hw_decoder_load": float(hw_decoder_load), "use_fast_idct": True, "affine": False,
-            "host_memory_padding": host, "device_memory_padding": dev}
+            "host_memory_padding": host, "device_memory_padding": dev, "jpeg_fancy_upsampling": True}
 
 
 def pinned_decoder_bytes(decoder: dict[str, Any], threads: int) -> int:
@@ -317,11 +320,14 @@ def train_pipeline(source: TrainSource, decoder: dict[str, Any], crop_size: int,
 
 @pipeline_def
 def eval_pipeline(source: EvalSource, decoder: dict[str, Any], crop_size: int, crop_ratio: float, ten_crop: bool,
-                  dtype: str, layout: str, parallel: bool, device: str, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD):
+                  dtype: str, layout: str, parallel: bool, device: str, source_prefetch: int = 1,
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
     """Eval graph: short side to crop/ratio, centre crop or ten crops; outputs images and labels (on
     `device`) and the ids rows (CPU)."""
-    jpegs, ids = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=parallel)
+    # A parallel source computes `source_prefetch` batches ahead (DALI's default is one: one busy worker).
+    ahead = {"prefetch_queue_depth": source_prefetch} if parallel else {}
+    jpegs, ids = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=parallel,
+                                    **ahead)
     images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
     images = fn.resize(images, resize_shorter=float(round(crop_size / crop_ratio)), antialias=True)
     crop = dict(crop=[crop_size, crop_size])

@@ -365,13 +365,14 @@ class EvalLoader(_Closing):
     are (B, C, H, W) / (B, H, W, C), or (B, 10, C, H, W) / (B, 10, H, W, C) with ten_crop (4 corners
     and the centre, then their mirrors); images and labels are on the loader's device. The last batch
     may be short. Labels are -1 for unlabelled sets. Files that cannot be decoded come out as a blank
-    image and are counted in stats['bad_files'].
+    image and are counted in stats['bad_files']. `prefetch` works as TrainLoader's: batches DALI prepares
+    ahead, and the source computes as many ahead as keep every Python worker busy.
     """
 
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
                  device_id: int | None = None, crop_size: int, crop_ratio: float = 0.875, ten_crop: bool = False,
                  dtype: str = "float32", layout: str = "NCHW", threads: int = 1, py_workers: int = 0,
-                 hw_decoder_load: float = HW_DECODER_LOAD, mean: Sequence[float] = IMAGENET_MEAN,
+                 prefetch: int = 2, hw_decoder_load: float = HW_DECODER_LOAD, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, exclude: set[str] | frozenset[str] = frozenset()) -> None:
         self.device = _check_device(device, device_id, threads)
         _check_choice("dtype", dtype, TORCH_DTYPES)
@@ -380,6 +381,9 @@ class EvalLoader(_Closing):
             raise ValueError(f"rank={rank} is out of range for world_size={world_size}")
         if not 0 < crop_ratio <= 1:
             raise ValueError(f"crop_ratio={crop_ratio} is invalid; use a value in (0, 1], e.g. 0.875")
+        if batch_size < 1 or prefetch < 1 or py_workers < 0:
+            raise ValueError(f"batch_size={batch_size} and prefetch={prefetch} must be >= 1 and py_workers={py_workers} "
+                             f">= 0")
         keep = np.array([i for i, f in enumerate(index.files) if f not in exclude], dtype=np.int64)
         lo, hi = len(keep) * rank // world_size, len(keep) * (rank + 1) // world_size
         self.index, self.batch_size, self.positions = index, batch_size, keep[lo:hi]
@@ -390,9 +394,10 @@ class EvalLoader(_Closing):
         pipe = eval_pipeline(
             source=source, decoder=decoder_options(device, threads, hw_decoder_load), crop_size=crop_size,
             crop_ratio=crop_ratio, ten_crop=ten_crop, dtype=dtype, layout=layout, parallel=py_workers > 0,
-            device=device, mean=tuple(mean), std=tuple(std), batch_size=batch_size, num_threads=threads,
+            device=device, source_prefetch=source_depth(prefetch, py_workers), mean=tuple(mean), std=tuple(std),
+            batch_size=batch_size, num_threads=threads, prefetch_queue_depth=prefetch,
             device_id=self.device.index if self.device.type == "cuda" else None, py_num_workers=max(1, py_workers),
-            py_start_method=start_method(), prefetch_queue_depth=2)
+            py_start_method=start_method())
         self._run: DaliProcesses | None = DaliProcesses(pipe, py_workers)
         self._fresh = True
 

@@ -10,7 +10,8 @@ they end, and that none outlives its parent (Linux).
   job must keep running until its checkpoint; workers started inside `worker_signal_policy` ignore it.
 - Ends: a worker arms PR_SET_PDEATHSIG (`die_with_parent`), so it dies with the process that owns it;
   `DaliProcesses.close` kills stragglers after a grace period; a launcher that starts ranks becomes a
-  child subreaper (`become_subreaper`) and ends whatever a killed rank left behind (`kill_children`).
+  child subreaper (`become_subreaper`) and ends whatever a killed rank left behind (`kill_children`);
+  a command that ran out of time is ended with everything it started (`kill_tree`).
 """
 from __future__ import annotations
 
@@ -64,6 +65,30 @@ def kill_children(pids: list[int] | None = None) -> None:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.waitpid(pid, 0)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (its children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = proc_stat(entry.name)
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants, all found before any is killed (a killed process's children
+    are re-parented at once and would drop out of the tree)."""
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            os.kill(member, signal.SIGKILL)
 
 
 def become_subreaper() -> None:

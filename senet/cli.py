@@ -44,3 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"senet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "nvidia":
+            raise
+        # DALI is an extra, one flavour per CUDA major: a plain `pip install senet` has none.
+        print(f"senet {args.command}: error: NVIDIA DALI is not installed ({e}); install the DALI for this machine: "
+              f"make install CUDA=12 (or 13), or pip install -e '.[cuda12]' ('.[cuda13]' for CUDA 13; cuda12 on a "
+              f"machine without GPU)", file=sys.stderr)
+        return 1

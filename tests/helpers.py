@@ -44,9 +44,24 @@ def planted(tree: Path, *kinds: str) -> set[str]:
     return {p["path"] for p in json.loads((tree / "synthetic.json").read_text())["planted"] if p["kind"] in kinds}
 
 
-def tree_with_a_pipeline_killer(tree: Path, dest: Path) -> tuple[ImageIndex, str]:
-    """`tree`'s training images less its undecodable ones, linked under `dest`, with one file broken so that
-    it passes the byte screen but kills the decoder (a bogus Huffman table). Returns the index and that file."""
+def bogus_huffman_table(data: bytes) -> bytes:
+    """A JPEG whose Huffman table is garbage: header and end marker fine, so it passes the byte screen and
+    kills the decoder."""
+    dht = data.find(b"\xff\xc4")
+    return data[:dht + 5] + b"\xff" * 20 + data[dht + 25:]
+
+
+def cut_inside_the_scan(data: bytes) -> bytes:
+    """A JPEG cut in the middle of its entropy-coded segment, as an interrupted copy leaves it: every header
+    segment is whole (its size reads fine), the end-of-image marker is gone."""
+    sos = data.find(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")  # the first byte after the scan header
+    return data[:scan + (len(data) - scan) // 2]
+
+
+def tree_with_a_broken_file(tree: Path, dest: Path, damage: Callable[[bytes], bytes]) -> tuple[ImageIndex, str]:
+    """`tree`'s training images less its undecodable ones, linked under `dest`, with one file's bytes replaced
+    by `damage(bytes)`. Returns the index and that file."""
     index = index_train(tree)
     keep = [i for i, f in enumerate(index.files) if f not in planted(tree, "truncated", "zero_bytes")]
     index = ImageIndex(index.root, tuple(index.files[i] for i in keep), index.labels[keep], index.classes)
@@ -56,8 +71,7 @@ def tree_with_a_pipeline_killer(tree: Path, dest: Path) -> tuple[ImageIndex, str
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         (dest / f).symlink_to(index.root / f)
     (dest / victim).unlink()
-    dht = data.find(b"\xff\xc4")  # the header and the end marker stay fine
-    (dest / victim).write_bytes(data[:dht + 5] + b"\xff" * 20 + data[dht + 25:])
+    (dest / victim).write_bytes(damage(data))
     return ImageIndex(dest, index.files, index.labels, index.classes), victim
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import Config, ConfigError, config_reference, dump_yaml, load_config
+from training.config import Config, ConfigError, batch_layout, config_reference, dump_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,16 @@ def test_bad_overrides_are_one_line_errors_naming_the_key(override: str, message
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batch_layout_auto_follows_the_models_memory_format() -> None:
+    """auto: NHWC where the model runs channels_last (a GPU), NCHW where it does not; an explicit layout stays."""
+    auto = load_config(None)
+    assert auto.data.layout == "auto" and auto.model.channels_last
+    assert (batch_layout(auto, "gpu"), batch_layout(auto, "cpu")) == ("NHWC", "NCHW")
+    assert batch_layout(load_config(None, ["model.channels_last=false"]), "gpu") == "NCHW"
+    assert batch_layout(load_config(None, ["data.layout=NCHW"]), "gpu") == "NCHW"
+    assert batch_layout(load_config(None, ["data.layout=NHWC"]), "cpu") == "NHWC"
 
 
 def test_relations_between_keys_are_checked() -> None:

@@ -207,6 +207,9 @@ def test_gpu_graphs_put_the_decoder_on_mixed_the_pixels_on_gpu_and_arguments_on_
     assert [(o.device) for o in outputs] == ["gpu", "gpu", "gpu", "cpu"]  # images, labels, colour; ids on the host
     (decoder,) = _ops(ops, "decoders.image_slice")
     assert decoder._op.device == "mixed"
+    # Chroma upsampled as libjpeg-turbo (the CPU decoder) does; DALI refuses an unknown argument when the
+    # graph is defined, so the name is checked here, not first on a GPU.
+    assert decoder_options("gpu", 4)["jpeg_fancy_upsampling"] is True
     assert [d for d in (decoder.spec.InputDevice(i) for i in range(decoder.spec.NumInput()))] == ["cpu"] * 3
     pixel_ops = _ops(ops, ".resize") + _ops(ops, ".warp_affine") + _ops(ops, "_conditional.merge")
     assert len(pixel_ops) == 3 and all(op._op.device == "gpu" for op in pixel_ops)

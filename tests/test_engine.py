@@ -3,6 +3,7 @@ test_train_cli.py): LR schedule of the recipe, optimizer choice, checkpoints, me
 non-finite loss detection, evaluation counts, and exact resume through a RunControl stop."""
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import types
@@ -21,7 +22,7 @@ from tests.helpers import CheckpointRecorder
 from training.control import RunControl
 from training.ranks import DistInfo
 from training.placement import place_run
-from training.metrics import MetricsLog, read_metrics
+from training.metrics import MetricsLog, plot_curves, read_metrics
 from training.optim import LRSchedule, build_optimizer, param_groups, real_apex_fused_sgd
 from training.precision import resolve_precision
 
@@ -117,6 +118,18 @@ def test_precision_defaults() -> None:
     assert resolve_precision("fp16", "gpu").scaled
 
 
+def test_an_nhwc_batch_reaches_a_channels_last_model_without_a_copy() -> None:
+    """Why data.layout auto is NHWC for a channels_last model: the batch is handed over as a view of its own
+    memory, already in the model's format; an NCHW batch is not, and the first convolution would copy it."""
+    batch, labels = torch.randn(2, 8, 8, 3, dtype=torch.bfloat16), torch.tensor([1, 0])
+    bf16 = resolve_precision("bf16", "cpu")
+    images, _ = engine.prepare_batch(batch, labels, bf16, "NHWC")
+    assert images.shape == (2, 3, 8, 8) and images.data_ptr() == batch.data_ptr()
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    nchw, _ = engine.prepare_batch(batch.permute(0, 3, 1, 2).contiguous(), labels, bf16, "NCHW")
+    assert not nchw.is_contiguous(memory_format=torch.channels_last)
+
+
 # --- checkpoints, metrics, DistInfo ----------------------------------------------------------------
 
 def test_checkpoint_is_atomic_and_weights_only_loadable(tmp_path: Path) -> None:
@@ -136,6 +149,17 @@ def test_checkpoint_is_atomic_and_weights_only_loadable(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(path)
+
+
+def test_curves_are_skipped_with_one_notice_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU node's bare interpreter may lack matplotlib: the run ends normally, without curves.png."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with caplog.at_level(logging.WARNING, logger="senet.train"):
+        assert plot_curves([{"step": 1, "loss": 1.0, "lr": 0.1}], tmp_path / "curves.png") is False
+    assert not (tmp_path / "curves.png").exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        "no curves.png: matplotlib is not installed (pip install matplotlib); metrics.jsonl holds the same rows"]
 
 
 def test_metrics_truncation_drops_rows_after_the_checkpoint(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The GPU path: DALI's mixed decoder and GPU graph, the loader's process handling once CUDA is up, a
-step without host synchronisation, checkpoint and resume on the device.
+"""The GPU path: DALI's mixed decoder and GPU graph (and its chroma against the CPU decoder's), bad files
+on the device (cut inside the scan data; killing the decoder), the loader's process handling once CUDA
+is up, a step without host synchronisation, checkpoint and resume on the device.
 
 Marked `gpu` and skipped where no GPU is visible (counted through NVML, which does not initialise the
 CUDA driver: an `is_available()` here would make every later loader test in this process unable to
@@ -20,7 +21,9 @@ from pipeline.datasets import ImageIndex, index_train, index_val
 from pipeline.devkit import load_devkit
 from pipeline.loader import EvalLoader, TrainLoader
 from pipeline.processes import start_method
-from tests.helpers import LOADER_CROP as CROP, CheckpointRecorder, train_loader, tree_with_a_pipeline_killer
+from pipeline.dali import HW_DECODER_LOAD, decoder_options
+from tests.helpers import (LOADER_CROP as CROP, CheckpointRecorder, bogus_huffman_table, cut_inside_the_scan, planted,
+                           train_loader, tree_with_a_broken_file)
 from training.placement import gpu_count
 
 DEVICE = os.environ.get("SENET_TEST_DEVICE", "gpu")
@@ -46,6 +49,38 @@ def test_device_loader_matches_the_cpu_loader_on_the_same_draws(clean) -> None:
     assert (xg.float().cpu() - xc.float()).abs().mean() < 0.1  # normalised units: a few grey levels
 
 
+def test_the_mixed_decoder_upsamples_chroma_as_the_cpu_decoder_does(small_tree: Path) -> None:
+    """The training decoder's options bring nvJPEG's output closer to libjpeg-turbo's (the CPU path) than
+    nvJPEG's default chroma upsampling does, with and without the hardware decoder taking its share."""
+    if DEVICE != "gpu":
+        pytest.skip("the mixed decoder exists on a GPU only")
+    from nvidia.dali import fn, pipeline_def, types
+
+    index = index_train(small_tree)
+    bad = planted(small_tree, "truncated", "zero_bytes", "png_as_jpeg", "cmyk", "grayscale")
+    jpegs = [np.frombuffer(index.read(i), np.uint8) for i, f in enumerate(index.files) if f not in bad][:16]
+
+    def decoded(decoder: dict) -> list[np.ndarray]:
+        @pipeline_def(batch_size=len(jpegs), num_threads=2, device_id=0)
+        def decode():
+            data = fn.external_source(source=lambda: jpegs, batch=True)
+            return fn.decoders.image(data, output_type=types.RGB, **decoder)
+
+        pipe = decode()
+        pipe.build()
+        (out,) = pipe.run()
+        out = out.as_cpu() if hasattr(out, "as_cpu") else out
+        return [np.asarray(out[i], np.float32) for i in range(len(jpegs))]
+
+    cpu = decoded({"device": "cpu"})  # libjpeg-turbo, accurate IDCT
+    for load in (0.0, HW_DECODER_LOAD):
+        ours = decoder_options("gpu", 2, load)
+        apart = {fancy: np.mean([np.abs(g - c).mean() for g, c in zip(decoded({**ours, "jpeg_fancy_upsampling": fancy}),
+                                                                            cpu)])
+                 for fancy in (True, False)}
+        assert ours["jpeg_fancy_upsampling"] and apart[True] < apart[False], (load, apart)
+
+
 def test_ten_crop_eval_on_the_device_covers_every_image_once(small_tree: Path) -> None:
     train = index_train(small_tree)
     val = index_val(small_tree, load_devkit(small_tree / "ILSVRC2012_devkit_t12"), train.classes)
@@ -61,12 +96,36 @@ def test_ten_crop_eval_on_the_device_covers_every_image_once(small_tree: Path) -
     assert seen == list(range(len(val)))
 
 
-def test_a_file_that_kills_the_device_pipeline_is_replaced_after_a_rebuild_with_spawned_workers(
+def test_a_file_cut_inside_its_scan_data_is_replaced_on_the_device_before_any_decoder_sees_it(
         small_tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The first build initialised the CUDA driver (on a GPU), so the rebuilt pipeline spawns its workers."""
-    index, victim = tree_with_a_pipeline_killer(small_tree, tmp_path / "tree")
+    """The usual damage (an interrupted copy): the file ends inside its entropy-coded segment, every header is
+    whole. The byte screen on the host catches it, so what the hardware decoder would make of a cut stream
+    never matters: training replaces it by a sample of its class, evaluation scores it as a blank image."""
+    index, victim = tree_with_a_broken_file(small_tree, tmp_path / "tree", cut_inside_the_scan)
     with caplog.at_level(logging.WARNING, logger="senet.input"):
         with loader(index, sampling="shuffle", batch_size=2) as run:
+            n = sum(len(y) for _, y in run)
+            stats = dict(run.stats)
+        with EvalLoader(index, batch_size=4, rank=0, world_size=1, device=DEVICE,
+                        device_id=0 if DEVICE == "gpu" else None, crop_size=CROP, threads=2, py_workers=1) as ev:
+            scored = sum(len(y) for _, y, _ in ev)
+            blank = list(ev.stats["bad_files"])
+    assert n == len(index) // 2 * 2 and scored == len(index)
+    assert stats["rebuilds"] == 0 and stats["bad_files"] == [victim] and stats["replaced_samples"] == 1
+    assert blank == [victim] and victim in caplog.text
+
+
+def test_a_file_that_kills_the_device_pipeline_is_replaced_after_a_rebuild_with_spawned_workers(
+        small_tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first build initialised the CUDA driver (on a GPU), so the rebuilt pipeline spawns its workers.
+
+    The bogus Huffman table passes the byte screen; nvJPEG's CUDA decoder and libjpeg-turbo refuse it. The
+    hardware decoder is left out (hw_decoder_load 0): whether it refuses every such stream is not ours to
+    promise, and check-data screens a data set with a full decode before training.
+    """
+    index, victim = tree_with_a_broken_file(small_tree, tmp_path / "tree", bogus_huffman_table)
+    with caplog.at_level(logging.WARNING, logger="senet.input"):
+        with loader(index, sampling="shuffle", batch_size=2, hw_decoder_load=0.0) as run:
             n = sum(len(y) for _, y in run)
             stats = dict(run.stats)
             method = start_method()

@@ -18,7 +18,7 @@ from pipeline.datasets import index_train, index_val
 from pipeline.devkit import load_devkit
 from pipeline.loader import EvalLoader
 from pipeline.processes import child_pids, start_method
-from tests.helpers import LOADER_CROP as CROP, planted, train_loader, tree_with_a_pipeline_killer
+from tests.helpers import LOADER_CROP as CROP, bogus_huffman_table, planted, train_loader, tree_with_a_broken_file
 
 
 def test_batches_shape_length_and_labels(clean) -> None:
@@ -90,11 +90,14 @@ def test_eval_shards_cover_every_image_once(small_tree: Path, world_size: int) -
     seen, labels = [], []
     for rank in range(world_size):
         with EvalLoader(val, batch_size=5, rank=rank, world_size=world_size, device="cpu",
-                        crop_size=CROP, dtype="float32", layout="NCHW", threads=1, py_workers=world_size - 1) as ev:
+                        crop_size=CROP, dtype="float32", layout="NCHW", threads=1, py_workers=world_size - 1,
+                        prefetch=world_size + 1) as ev:  # the source runs up to 4 batches ahead of 2 or 3
             batches = list(ev)
             assert len(batches) == len(ev)
+            again = [p for _, _, pos in ev for p in pos.tolist()]  # a second pass after the reset
             mine = [p for _, _, pos in batches for p in pos.tolist()]
             assert mine == list(range(mine[0], mine[0] + len(mine))) if mine else True  # contiguous, in order
+            assert again == mine
             seen += mine
             labels += [y for _, lab, _ in batches for y in lab.tolist()]
     assert sorted(seen) == seen == list(range(len(val)))
@@ -117,7 +120,7 @@ def test_corrupt_file_is_named_replaced_and_counted(small_tree: Path, caplog: py
 
 def test_file_that_kills_the_pipeline_is_found_and_replaced(small_tree: Path, tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    index, victim = tree_with_a_pipeline_killer(small_tree, tmp_path / "tree")
+    index, victim = tree_with_a_broken_file(small_tree, tmp_path / "tree", bogus_huffman_table)
     with caplog.at_level(logging.WARNING, logger="senet.input"):
         with train_loader(index, sampling="shuffle", batch_size=2) as loader:
             n = sum(len(y) for _, y in loader)

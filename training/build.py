@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from training import dist as distmod
-from training.config import Config, ConfigError
+from training.config import Config, ConfigError, batch_layout, runs_channels_last
 from training.control import RunControl
 from training.metrics import MetricsLog
 from training.optim import LRSchedule, build_optimizer
@@ -126,8 +126,13 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
     optimizer, kind = build_optimizer(model, cfg.optim, place.device)
     train_model: nn.Module = model
     if dist.distributed:
+        # broadcast_buffers=False: no broadcast of every BN buffer before every forward. Training-mode BN
+        # normalises with the batch's own statistics, so the running statistics change no gradient; rank
+        # 0's are the ones checkpoints hold, and `engine.train` broadcasts them before each evaluation.
+        # Rank 0 only ever sends, so its buffers (and every checkpoint) are the same either way.
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+            broadcast_buffers=False)
         if device.type == "cpu":  # exact resume with any number of ranks (see ordered_mean_hook)
             train_model.register_comm_hook(None, distmod.ordered_mean_hook)
     if cfg.train.compile:
@@ -269,12 +274,12 @@ def build_loaders(cfg: Config, place: Placement, data: Data) -> tuple[Any, Any |
 
     d = cfg.data
     common = dict(rank=place.dist.rank, world_size=place.dist.world_size, device=place.device,
-                  device_id=place.gpu_index, dtype=d.dtype, layout=d.layout, threads=place.dali_threads,
-                  py_workers=place.py_workers, hw_decoder_load=d.hw_decoder_load, mean=d.mean, std=d.std,
-                  exclude=data.exclude)
+                  device_id=place.gpu_index, dtype=d.dtype, layout=batch_layout(cfg, place.device),
+                  threads=place.dali_threads, py_workers=place.py_workers, prefetch=d.prefetch,
+                  hw_decoder_load=d.hw_decoder_load, mean=d.mean, std=d.std, exclude=data.exclude)
     train = TrainLoader(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed, sampling=d.sampling,
                         samples_per_epoch=d.samples_per_epoch, aug=AugmentSpec.from_config(d), crop_size=d.crop_size,
-                        prefetch=d.prefetch, **common)
+                        **common)
     val = None
     if data.val is not None:
         val = EvalLoader(data.val, batch_size=cfg.train.batch_size, crop_size=d.crop_size, crop_ratio=d.eval_crop_ratio,
@@ -288,7 +293,7 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
 
     m = cfg.model
     wanted = {"dropout": m.dropout, "zero_init_last_bn": m.zero_init_last_bn, "stride_in_1x1": m.stride_in_1x1,
-              "channels_last": m.channels_last and cfg.train.device == "gpu"}  # channels_last only pays on GPU
+              "channels_last": runs_channels_last(cfg, cfg.train.device)}
     accepted = set(model_options(m.arch))
     for key in ("dropout", "stride_in_1x1"):
         if wanted[key] is not None and key not in accepted:

@@ -66,7 +66,8 @@ class DataConfig:
     saturation: float = _key(0.4, "saturation factor drawn from [1-s, 1+s]; 0 = off", min=0.0, max=1.0)
     hue: float = _key(0.0, "hue shift drawn from +-h of a full turn (0.5 = 180 degrees); 0 = off", min=0.0, max=0.5)
     dtype: Literal["float16", "float32"] = _key("float16", "dtype of the normalized batch")
-    layout: Literal["NCHW", "NHWC"] = _key("NCHW", "memory layout of the batch DALI produces")
+    layout: Literal["auto", "NCHW", "NHWC"] = _key("auto", "memory layout of the batch DALI produces; auto = NHWC "
+                                                   "when the model runs channels_last (on a GPU), else NCHW")
     threads: int | None = _key(None, "DALI CPU threads per rank; null = the task's CPU share minus Python workers", min=1)
     py_workers: int = _key(2, "Python worker processes reading files for DALI's external_source", min=0, max=64)
     prefetch: int = _key(2, "batches DALI prepares ahead", min=1, max=16)
@@ -240,6 +241,23 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def dump_yaml(cfg: Config) -> str:
     """The resolved configuration as YAML that `load_config` reads back to an equal Config."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def runs_channels_last(cfg: Config, device: str) -> bool:
+    """Whether the model is kept in channels_last memory on `device`: only on a GPU, where its convolutions
+    are faster that way (on the CPU the model stays NCHW)."""
+    return cfg.model.channels_last and device == "gpu"
+
+
+def batch_layout(cfg: Config, device: str) -> str:
+    """`data.layout` resolved for `device`: 'auto' is NHWC when the model runs channels_last, else NCHW.
+
+    An NHWC batch is handed to the model as an NCHW view of channels_last memory (`engine.prepare_batch`),
+    exactly the model's own format; an NCHW batch would be copied into that format at every step.
+    """
+    if cfg.data.layout != "auto":
+        return cfg.data.layout
+    return "NHWC" if runs_channels_last(cfg, device) else "NCHW"
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:

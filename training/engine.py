@@ -43,7 +43,7 @@ from torch import nn
 from training import dist as distmod
 from training.build import Run, build, preflight
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_copy, atomic_save, load_checkpoint, resume_path
-from training.config import Config, config_to_dict, dump_yaml
+from training.config import Config, batch_layout, config_to_dict, dump_yaml
 from training.control import RunControl
 from training.metrics import plot_curves, read_metrics
 from training.placement import Placement
@@ -126,7 +126,7 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
             # holds rank 0's, so every rank evaluates with those (as `senet predict` on the checkpoint will).
             distmod.broadcast_buffers(r.model)
             state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group,
-                                      r.cfg.data.layout)
+                                      batch_layout(r.cfg, r.place.device))
             r.log.write({"step": state.step, "epoch": epoch, **state.last_val})
             if r.place.is_main:
                 log.info("epoch %d: val top-1 %.4f, top-5 %.4f (%d images)", epoch + 1, state.last_val["val_top1"],
@@ -150,6 +150,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
     steps_per_epoch = r.schedule.steps_per_epoch
     epoch_end = (state.epoch + 1) * steps_per_epoch
     meter = StepMeter(r.device, images_per_step=cfg.batch_size * r.place.dist.world_size)
+    layout = batch_layout(r.cfg, r.place.device)
     r.train_model.train()
     batches = iter(r.train_loader)
     while True:
@@ -158,7 +159,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
         meter.waited(time.perf_counter() - t0)
         if batch is None:
             break
-        images, labels = prepare_batch(*batch, r.precision, r.cfg.data.layout)
+        images, labels = prepare_batch(*batch, r.precision, layout)
         lr = r.schedule.apply(r.optimizer)
         seed_step(step_seed(cfg.seed, state.step, r.place.dist.rank), r.device)  # dropout etc.: derivable on resume
         loss = train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)

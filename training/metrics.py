@@ -109,10 +109,18 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def plot_curves(rows: Iterable[dict[str, Any]], out: str | Path) -> None:
-    """curves.png: training loss, learning rate and validation accuracy against the step."""
-    import matplotlib
+def plot_curves(rows: Iterable[dict[str, Any]], out: str | Path) -> bool:
+    """curves.png: training loss, learning rate and validation accuracy against the step.
 
+    Returns False, with a one-line notice, when matplotlib is not installed (a GPU node's bare
+    interpreter may lack it): the run itself needs nothing from it, and metrics.jsonl holds every row.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("no %s: matplotlib is not installed (pip install matplotlib); metrics.jsonl holds the same rows",
+                    Path(out).name)
+        return False
     matplotlib.use("Agg")  # no display on compute nodes
     import matplotlib.pyplot as plt
 
@@ -137,3 +145,4 @@ def plot_curves(rows: Iterable[dict[str, Any]], out: str | Path) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)
+    return True

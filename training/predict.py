@@ -26,7 +26,8 @@ from pipeline.devkit import Devkit
 from pipeline.errors import DataError
 from training import dist as distmod
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import Config, ConfigError, config_from_dict
+from training.build import build_model, configure_process
+from training.config import Config, ConfigError, batch_layout, config_from_dict
 from training.placement import CONTROL_BACKEND, Placement
 from training.precision import resolve_precision
 
@@ -61,8 +62,6 @@ def load_model(state: dict, cfg: Config, device: torch.device, checkpoint: str |
     Raises:
         CheckpointError: its weights do not fit the architecture it names.
     """
-    from training.build import build_model
-
     model = build_model(replace(cfg, train=replace(cfg.train, device="gpu" if device.type == "cuda" else "cpu")), device)
     try:
         model.load_state_dict(state["model"])
@@ -102,26 +101,29 @@ def image_index(folder: str | Path) -> ImageIndex:
 
 def score_shard(model: torch.nn.Module, loader: Any, cfg: Config, place: Placement, columns: np.ndarray,
                 num_columns: int) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows: (positions into the images, devkit-ordered probabilities), as the engine evaluates."""
+    """This rank's rows: (positions into the images, devkit-ordered probabilities), as the engine evaluates.
+
+    The probabilities stay on the device until the shard is done: a copy to the host per batch would make
+    the host wait for the GPU at every batch (one rank's ImageNet-val shard is 50,000 / ranks x 1000 floats).
+    """
     from training.engine import prepare_batch
 
     precision = resolve_precision(cfg.train.precision, place.device)
+    layout = batch_layout(cfg, place.device)
     positions, rows = [], []
     with torch.no_grad():
         for batch, _labels, pos in loader:
             crops = batch.shape[1] if batch.dim() == 5 else 1
             flat = batch.reshape(-1, *batch.shape[-3:])
-            images, _ = prepare_batch(flat, _labels, precision, cfg.data.layout)
+            images, _ = prepare_batch(flat, _labels, precision, layout)
             with precision.autocast():
                 logits = model(images)
-            probs = logits.float().softmax(dim=1).reshape(batch.shape[0], crops, -1).mean(dim=1)
-            full = np.zeros((probs.shape[0], num_columns), dtype=np.float32)
-            full[:, columns] = probs.cpu().numpy()
+            rows.append(logits.float().softmax(dim=1).reshape(batch.shape[0], crops, -1).mean(dim=1))
             positions.append(pos.numpy())
-            rows.append(full)
-    if not rows:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, num_columns), dtype=np.float32)
-    return np.concatenate(positions), np.concatenate(rows)
+    full = np.zeros((sum(len(p) for p in positions), num_columns), dtype=np.float32)
+    if rows:
+        full[:, columns] = torch.cat(rows).cpu().numpy()
+    return np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64), full
 
 
 def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: Placement, *, ten_crop: bool,
@@ -147,13 +149,15 @@ def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: P
     cfg = checkpoint_config(state, checkpoint)
     columns = devkit_columns(state["classes"], devkit, checkpoint)
     d = cfg.data
-    torch.set_num_threads(place.torch_threads)  # as the engine's evaluation: same kernels, same sums
+    # The engine's process settings: its threads (same kernels, same sums) and, on a GPU, cudnn's autotuning
+    # (every batch but the last has one shape: the fastest kernels are found once).
+    configure_process(place)
     # The loader first: its workers (if any) start before anything touches CUDA.
     loader = EvalLoader(images, batch_size=batch_size, rank=place.dist.rank, world_size=place.dist.world_size,
                         device=place.device, device_id=place.gpu_index, crop_size=d.crop_size,
-                        crop_ratio=d.eval_crop_ratio, ten_crop=ten_crop, dtype=d.dtype, layout=d.layout,
-                        threads=place.dali_threads, py_workers=0, hw_decoder_load=d.hw_decoder_load, mean=d.mean,
-                        std=d.std, exclude=exclude)
+                        crop_ratio=d.eval_crop_ratio, ten_crop=ten_crop, dtype=d.dtype,
+                        layout=batch_layout(cfg, place.device), threads=place.dali_threads, py_workers=0,
+                        hw_decoder_load=d.hw_decoder_load, mean=d.mean, std=d.std, exclude=exclude)
     # Ranks only meet at a barrier here: a host (gloo) group whatever the device.
     owns_group = distmod.init_distributed(replace(place, backend=CONTROL_BACKEND), PARTS_TIMEOUT_S)
     try:

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.loader import ResidentLoader, endless
 from training.build import Run, build, load_data
-from training.config import Config
+from training.config import Config, batch_layout, runs_channels_last
 from training.ranks import DistInfo
 from training.engine import prepare_batch, train_step
 from training.placement import place_run
@@ -32,6 +32,7 @@ def bench_train(cfg: Config, batches: int, warmup: int = 3) -> dict[str, Any]:
         in the loader), max_memory_gib (GPU) and the placement.
     """
     place = place_run(cfg, DistInfo())  # one process, whatever launched us
+    layout = batch_layout(cfg, place.device)
     data = load_data(cfg)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
         r = build(cfg, place, Path(out), data=replace(data, val=None))
@@ -43,16 +44,16 @@ def bench_train(cfg: Config, batches: int, warmup: int = 3) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats(r.device)
             real = endless(r.train_loader)
             first = next(real)
-            images, labels = prepare_batch(*first, r.precision, cfg.data.layout)
+            images, labels = prepare_batch(*first, r.precision, layout)
             resident = ResidentLoader(images.clone(), labels.clone(), cfg.train.batch_size)
-            real_s, wait = time_steps(r, _chain(first, real), batches, warmup, cfg.data.layout)
+            real_s, wait = time_steps(r, _chain(first, real), batches, warmup, layout)
             synthetic_s, _ = time_steps(r, endless(resident), batches, warmup, "NCHW")  # already the model's input
             peak = torch.cuda.max_memory_allocated(r.device) / 2**30 if r.device.type == "cuda" else None
         finally:
             r.close()
     b = cfg.train.batch_size
     return {"arch": cfg.model.arch, "device": place.device, "precision": place.precision.name, "batch_size": b,
-            "channels_last": bool(cfg.model.channels_last and place.device == "gpu"), "layout": cfg.data.layout,
+            "channels_last": runs_channels_last(cfg, place.device), "layout": layout,
             "compile": cfg.train.compile, "batches": batches, "crop_size": cfg.data.crop_size, "real_step_s": real_s,
             "synthetic_step_s": synthetic_s, "real_images_per_s": b / real_s, "synthetic_images_per_s": b / synthetic_s,
             "data_stall_fraction": max(0.0, 1.0 - synthetic_s / real_s), "data_wait_fraction": wait / (real_s * batches),
