@@ -207,7 +207,7 @@ def section_train(device: str, out: Path, size: dict) -> dict:
         if ok:
             r = json.loads(target.read_text())
             row.update({k: r[k] for k in ("real_images_per_s", "synthetic_images_per_s", "max_memory_gib",
-                                          "data_wait_fraction")})
+                                          "data_wait_fraction", "bound")})
             row["stall_fraction"] = r["data_stall_fraction"]
         elif compiled:  # torch.compile unavailable here (no compiler, an unsupported op): noted, not a failure
             row["compile"] = f"unavailable: {' '.join(detail)[:300]}"
@@ -339,15 +339,16 @@ def render(result: dict) -> str:
         lines += ["", "| hw_decoder_load | decode images/s |", "| --- | --- |"]
         lines += [f"| {k} | {v:,.0f} |" for k, v in result["decode_hw"].items()]
     if result.get("train"):
-        lines += ["", "| arch | batch | compile | real img/s | synthetic img/s | stall | peak GiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| arch | batch | compile | real img/s | synthetic img/s | stall | bound | peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in result["train"]:
             if "real_images_per_s" in r:
                 mem = f"{r['max_memory_gib']:.1f}" if r.get("max_memory_gib") is not None else "-"
                 lines.append(f"| {r['arch']} | {r['batch_size']} | {r['compile']} | {r['real_images_per_s']:,.0f} | "
-                             f"{r['synthetic_images_per_s']:,.0f} | {r['stall_fraction']:.1%} | {mem} |")
+                             f"{r['synthetic_images_per_s']:,.0f} | {r['stall_fraction']:.1%} | {r.get('bound', '-')} | "
+                             f"{mem} |")
             else:
-                lines.append(f"| {r['arch']} | {r['batch_size']} | {r['compile']} | {r.get('error', '-')} | | | |")
+                lines.append(f"| {r['arch']} | {r['batch_size']} | {r['compile']} | {r.get('error', '-')} | | | | |")
     for key in ("checkpoint_write_s", "predict_images_per_s", "engine_top1", "predict_top1", "nccl"):
         if key in result:
             lines.append(f"\n{key}: {result[key]}")

@@ -225,7 +225,8 @@ class TrainLoader(_Closing):
         exclude: root-relative paths never to read (check-data's exclusion list).
 
     Iterating yields (images, labels): images (B, C, H, W) or (B, H, W, C) normalised, labels int64,
-    both on the loader's device.
+    both on the loader's device. `take_timings()` says where the host time of the batches since its last
+    call went (`InputTimes`: the stall alarm's and `bench-train`'s breakdown), from host clocks only.
     """
 
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,

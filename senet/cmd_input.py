@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,13 +89,18 @@ def tune_input(args: argparse.Namespace) -> int:
     index = _index(args)
     here = place(args.device)
     cpus = args.cpus or here.cpus
+    mask = sorted(os.sched_getaffinity(0))
+    pinned = ""
+    if cpus < len(mask):  # measure within one rank's share: the pipelines' threads and workers inherit the mask
+        os.sched_setaffinity(0, mask[:cpus])
+        pinned = f", pinned to CPUs {','.join(map(str, mask[:cpus]))}"
     d = DataConfig()  # training's defaults, placed as a rank with this share would place them
     gpu = args.device == "gpu"
     default = InputSettings(threads=d.threads or max(1, cpus - d.py_workers), py_workers=d.py_workers,
                             prefetch=d.prefetch, hw_decoder_load=d.hw_decoder_load if gpu else None)
     spec = BenchSpec(device=args.device, device_id=here.gpu_index, batch_size=args.batch_size, batches=args.batches,
                      warmup=args.warmup, crop_size=args.crop_size)
-    print(f"{args.data}: {len(index)} images, {args.device}, a {cpus}-CPU share, batch {args.batch_size}, crop "
+    print(f"{args.data}: {len(index)} images, {args.device}, a {cpus}-CPU share{pinned}, batch {args.batch_size}, crop "
           f"{args.crop_size}; each run: the full stage, {args.batches} batches after {args.warmup}; {args.repeats} "
           f"interleaved runs per candidate; budget {args.budget_s:g} s", flush=True)
     try:
@@ -104,7 +110,7 @@ def tune_input(args: argparse.Namespace) -> int:
     report = result.to_json()
     report.update({"device": args.device, "cpus": cpus, "batch_size": args.batch_size, "crop_size": args.crop_size,
                    "batches": args.batches, "images": len(index), "host": socket.gethostname(),
-                   "placement": here.describe()})
+                   "pinned_cpus": mask[:cpus] if pinned else None, "placement": here.describe()})
     write_json(args.json, report)
     widths = {name: max(len(name), 5) for name in default.as_dict()}
     print("  " + " ".join(f"{n:>{w}}" for n, w in widths.items()) + f" {'images/s':>10}  {'spread':>8}  runs")
@@ -202,7 +208,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tune", action="store_true", help="search DALI threads, Python workers, prefetch and (GPU) "
                    "hw_decoder_load within the CPU share; print them best first and write the winner as --set lines")
     p.add_argument("--cpus", type=int, default=None, help="--tune: the CPU share of one training rank (default: this "
-                   "process's share; give slurm.cpus_per_task when tuning for a job's ranks)")
+                   "process's share; give slurm.cpus_per_task when tuning for a job's ranks); the search is pinned to "
+                   "that many of this process's CPUs")
     p.add_argument("--budget-s", type=float, default=300.0, help="--tune: seconds the whole search may take")
     p.add_argument("--repeats", type=int, default=3, help="--tune: interleaved runs per candidate (>= 2)")
     p.add_argument("--set-out", default="tuned-input.set", metavar="F", help="--tune: the file of --set lines to "

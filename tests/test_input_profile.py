@@ -185,6 +185,7 @@ def test_the_warning_names_the_stalled_ranks_by_node_with_their_share_and_leaves
 
 # --- for real: a starved run, bench-train's two verdicts, a tuned settings file -----------------------------------
 
+@pytest.mark.slow
 def test_tune_writes_a_set_file_that_a_starved_training_run_accepts_and_warns_once_per_window(
         small_tree: Path, large_jpegs: Path, tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tuned, report = tmp_path / "tuned.set", tmp_path / "tune.json"
@@ -224,6 +225,7 @@ def test_tune_writes_a_set_file_that_a_starved_training_run_accepts_and_warns_on
     print(warnings[0])  # the warning as the user sees it (pytest -s)
 
 
+@pytest.mark.slow
 def test_bench_train_calls_a_starved_config_input_bound_and_a_heavy_model_compute_bound(
         large_jpegs: Path, small_tree: Path, tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
         monkeypatch: pytest.MonkeyPatch, torch_settings_kept: None) -> None:
