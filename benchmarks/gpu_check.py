@@ -160,16 +160,16 @@ def render(result: dict) -> str:
         lines += [f"| {load} | {_rate(decode.get('whole', {}).get(load))} | {_rate(decode.get('region', {}).get(load))} |"
                   for load in loads]
     if result.get("train"):
-        lines += ["", "| arch | batch | layout | compile | real img/s | synthetic img/s | stall | peak GiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| arch | batch | layout | compile | real img/s | synthetic img/s | stall | bound | peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in result["train"]:
             if "real_images_per_s" in r:
                 mem = f"{r['max_memory_gib']:.1f}" if r.get("max_memory_gib") is not None else "-"
                 lines.append(f"| {r['arch']} | {r['batch_size']} | {r.get('layout', '-')} | {r['compile']} | "
                              f"{r['real_images_per_s']:,.0f} | {r['synthetic_images_per_s']:,.0f} | "
-                             f"{r['stall_fraction']:.1%} | {mem} |")
+                             f"{r['stall_fraction']:.1%} | {r.get('bound', '-')} | {mem} |")
             else:
-                lines.append(f"| {r['arch']} | {r['batch_size']} | - | {r['compile']} | {r.get('error', '-')} | | | |")
+                lines.append(f"| {r['arch']} | {r['batch_size']} | - | {r['compile']} | {r.get('error', '-')} | | | | |")
     keys = ("checkpoint_write_s", "engine_top1", "predict_single_crop_top1", "near_ties", "top1_images_apart",
             "top1_images_allowed", "predict_ten_crop_images_per_s", "nccl")
     lines += [f"\n{key}: {result[key]}" for key in keys if key in result]

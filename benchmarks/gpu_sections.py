@@ -343,7 +343,7 @@ def section_train(device: str, out: Path, profile: Profile, deadline: float, emi
         if not problem:
             r = json.loads(target.read_text())
             row.update({k: r[k] for k in ("layout", "channels_last", "real_images_per_s", "synthetic_images_per_s",
-                                          "max_memory_gib", "data_wait_fraction")})
+                                          "max_memory_gib", "data_wait_fraction", "bound")})
             row["stall_fraction"] = r["data_stall_fraction"]
         elif run.compiled:  # no compiler, an unsupported op, a compile slower than its time: noted, not a failure
             row["compile"] = f"unavailable: {problem}"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,7 +63,9 @@ PARAMS = {"anchor": (0, 2), "shape": (2, 4), "prescale": (4, 5), "pre_size": (5,
           "colour": (13, 28), "size": (28, 30), "flip": (30, 31)}
 PARAM_COLUMNS = 31
 # Columns of the per-sample int64 row of both sources.
-TRAIN_IDS = ("label", "replaced", "position")  # replaced: the bad file's dataset index, else -1
+# replaced: the bad file's dataset index, else -1; read_ns: nanoseconds the source spent reading the sample's
+# bytes (in a Python worker, or in the loader's process without workers): what the stall alarm calls file reads.
+TRAIN_IDS = ("label", "replaced", "position", "read_ns")
 EVAL_IDS = ("label", "position", "bad")
 
 
@@ -131,7 +134,7 @@ class TrainSource:
 
     Batch `iteration` of DALI epoch j holds this rank's samples ``k = iteration * batch_size + (start
     if j == 0) ...`` of epoch ``first_epoch + j``, at global positions ``sampler.global_positions()[k]``.
-    Returns the JPEG bytes, the (B, PARAM_COLUMNS) float32 rows and the (B, 3) int64 `TRAIN_IDS` rows.
+    Returns the JPEG bytes, the (B, PARAM_COLUMNS) float32 rows and the (B, 4) int64 `TRAIN_IDS` rows.
     """
 
     root: str
@@ -167,14 +170,17 @@ class TrainSource:
         indices = self.sampler.rank_indices(epoch)[k:k + self.batch_size]
         positions = self.sampler.global_positions(k, k + self.batch_size)
         jpegs, sizes, replaced = [], np.empty((len(indices), 2), np.int64), np.full(len(indices), -1, np.int64)
+        read_ns = np.empty(len(indices), np.int64)
         for j, (index, position) in enumerate(zip(indices.tolist(), positions.tolist())):
+            start = time.perf_counter_ns()
             data, sizes[j], used = self._read(index, epoch, position)
+            read_ns[j] = time.perf_counter_ns() - start
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
             if used != index:
                 replaced[j] = index
         params = sample_params(self.aug, self.seed, epoch, positions, sizes[:, 0], sizes[:, 1], self.crop_size,
                                self.mean, self.std)
-        return jpegs, params, np.stack([self.labels[indices], replaced, positions], axis=1)
+        return jpegs, params, np.stack([self.labels[indices], replaced, positions, read_ns], axis=1)
 
     def _read(self, index: int, epoch: int, position: int) -> tuple[bytes, tuple[int, int], int]:
         """The file's bytes and size, or a same-class stand-in chosen by (seed, epoch, position)."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -43,6 +45,26 @@ STATE_FORMAT = 1
 SAMPLERS = {"class_aware": ClassAwareSampler, "shuffle": ShuffleSampler}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 MAX_REBUILDS = 8  # pipeline deaths tolerated per epoch before the error is raised
+
+
+@dataclass
+class InputTimes:
+    """Where a TrainLoader's host time went since the last `TrainLoader.take_timings` (seconds, summed
+    over batches): what the stall alarm and `bench-train` can observe without synchronising a device.
+
+    `read_s` is spent in the source (Python workers in parallel, or this process inside `graph_s`
+    when there are none); `graph_s` is time blocked waiting for the DALI pipeline (decode and
+    augmentation together, and the source when it falls behind); `copy_s` the copy into torch tensors
+    (on a GPU: launching it); `colour_s` the colour pass (on a GPU: launching it); `startup_s` the first
+    batch of a freshly built or reset pipeline (building it, filling its queues), kept apart.
+    """
+
+    batches: int = 0
+    read_s: float = 0.0
+    graph_s: float = 0.0
+    copy_s: float = 0.0
+    colour_s: float = 0.0
+    startup_s: float = 0.0
 
 
 def _check_choice(name: str, value: Any, choices: Any) -> None:
@@ -203,7 +225,8 @@ class TrainLoader(_Closing):
         exclude: root-relative paths never to read (check-data's exclusion list).
 
     Iterating yields (images, labels): images (B, C, H, W) or (B, H, W, C) normalised, labels int64,
-    both on the loader's device.
+    both on the loader's device. `take_timings()` says where the host time of the batches since its last
+    call went (`InputTimes`: the stall alarm's and `bench-train`'s breakdown), from host clocks only.
     """
 
     def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
@@ -235,6 +258,8 @@ class TrainLoader(_Closing):
         self._run: DaliProcesses | None = None
         self._work: torch.Tensor | None = None  # apply_colour's scratch
         self._run_next: tuple[int, int] | None = None  # (epoch, sample) the pipeline delivers next
+        self._times = InputTimes()
+        self._cold = True  # the next batch comes from a pipeline just built or reset
         self._decoder = decoder_options(device, threads, hw_decoder_load)
         self._open(0, 0)  # workers start now, before the caller initialises CUDA
 
@@ -281,6 +306,11 @@ class TrainLoader(_Closing):
         self._epoch, self._start = self.sampler.epoch, self.sampler.position
         self._consumed = self._start
 
+    def take_timings(self) -> InputTimes:
+        """The host time per stage since the last call (see `InputTimes`), and start counting afresh."""
+        times, self._times = self._times, InputTimes()
+        return times
+
     def close(self) -> None:
         """Stop the pipeline and its worker processes (idempotent)."""
         run, self._run, self._run_next = self._run, None, None
@@ -302,8 +332,12 @@ class TrainLoader(_Closing):
             py_num_workers=max(1, self.py_workers), py_start_method=start_method())
         self._run = DaliProcesses(pipe, self.py_workers)
         self._run_next = (epoch, start)
+        self._cold = True
 
     def _next_batch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Host clocks only (perf_counter): nothing here waits on a device to time it.
+        t0 = time.perf_counter()
+        cold = self._cold
         for attempt in range(MAX_REBUILDS + 1):
             try:
                 images, labels, colour, ids = self._run.run()
@@ -313,15 +347,29 @@ class TrainLoader(_Closing):
                     raise
                 self.stats["rebuilds"] += 1
                 self._open(epoch, self._consumed)
-        ids = np.array(ids.as_tensor())  # (B, 3) on the host: label, replaced, position
+        self._cold = False
+        t1 = time.perf_counter()
+        ids = np.array(ids.as_tensor())  # (B, 4) on the host: TRAIN_IDS
         self._note_replaced(ids[:, 1], ids[:, 2], epoch)
         colour = _as_torch(colour, self.device)
         images = _as_torch(images, self.device)
+        labels = _to_torch(labels, self.device)
         if self._work is None or self._work.device != images.device or self._work.numel() != images.numel():
             self._work = torch.empty(images.numel(), dtype=torch.float32, device=images.device)
+        t2 = time.perf_counter()
         with _one_torch_thread(images.device):
             images = apply_colour(images, colour, TORCH_DTYPES[self.dtype], self.layout, self._work)
-        return images, _to_torch(labels, self.device)
+        t3 = time.perf_counter()
+        times = self._times
+        times.batches += 1
+        times.read_s += float(ids[:, 3].sum()) * 1e-9
+        if cold:
+            times.startup_s += t1 - t0
+        else:
+            times.graph_s += t1 - t0
+        times.copy_s += t2 - t1
+        times.colour_s += t3 - t2
+        return images, labels
 
     def _end_epoch(self, epoch: int) -> None:
         """Consume the pipeline's end-of-epoch signal so that it is ready for the next epoch."""
@@ -330,6 +378,7 @@ class TrainLoader(_Closing):
         except StopIteration:
             self._run.reset()
             self._run_next = (epoch + 1, 0)
+            self._cold = True  # the next epoch's first batch waits for the queues to fill again
         else:  # cannot happen with whole batches; rebuild rather than deliver a wrong sample
             self._run_next = None
 
@@ -494,4 +543,4 @@ def endless(loader: Any, epoch: int = 0) -> Iterator[Any]:
         epoch += 1
 
 
-__all__ = ["TrainLoader", "EvalLoader", "ResidentLoader", "AugmentSpec", "apply_colour", "endless"]
+__all__ = ["TrainLoader", "EvalLoader", "ResidentLoader", "AugmentSpec", "InputTimes", "apply_colour", "endless"]

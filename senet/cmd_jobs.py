@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from senet.console import Failure, UsageError, write_json
+from senet.console import Failure, UsageError, add_set_options, config_overrides, write_json
 from training.config import load_config
 
 POLL_S = 0.5  # --follow: how often logs and the job's state are read
@@ -28,8 +28,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return resubmit(args)
     if not args.config:
         raise UsageError("give a CONFIG to submit, or --resume RUN_DIR to continue a run")
-    overrides = apply_cli(args.set, args.nodes, args.gpus_per_node, args.partition, args.time, args.account,
-                                 args.qos, args.out)
+    overrides = apply_cli(config_overrides(args), args.nodes, args.gpus_per_node, args.partition, args.time,
+                          args.account, args.qos, args.out)
     cfg = load_config(args.config, overrides)
     check_job_config(cfg)
     root = Path(cfg.slurm.output_root)
@@ -64,8 +64,9 @@ def resubmit(args: argparse.Namespace) -> int:
     from training.build import preflight
     from training.run_folder import CONFIG
 
-    given = [flag for flag, value in (("CONFIG", args.config), ("--set", args.set), ("--nodes", args.nodes),
-                                      ("--gpus-per-node", args.gpus_per_node), ("--out", args.out)) if value]
+    given = [flag for flag, value in (("CONFIG", args.config), ("--set", args.set), ("--set-file", args.set_file),
+                                      ("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
+                                      ("--out", args.out)) if value]
     if given:
         raise UsageError(f"--resume continues a run with the config it holds; drop {', '.join(given)}")
     run_dir = Path(args.resume)
@@ -190,7 +191,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `submit`, `jobs`, `logs` and `cancel` to the `senet` parser."""
     p = sub.add_parser("submit", help="run a training config as a Slurm job (submitit; requeued on timeout/preemption)")
     p.add_argument("config", nargs="?", help="YAML config; its `slurm` section sizes the job")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=3")
+    add_set_options(p)
     p.add_argument("--out", metavar="ROOT", help="shared folder for the run folder (default slurm.output_root)")
     p.add_argument("--nodes", type=int, help="servers (slurm.nodes)")
     p.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per server = tasks per server (slurm.gpus_per_node)")

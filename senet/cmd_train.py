@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from senet.console import Failure, UsageError, write_json
+from senet.console import Failure, UsageError, add_set_options, config_overrides, write_json
 from training.config import Config, ConfigError, load_config
 from training.run_folder import default_out, save_given_config
 
@@ -29,7 +29,7 @@ WORKER_ENV = "SENET_TRAIN_WORKER"  # set for processes started by --nproc (they 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.build import preflight
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, config_overrides(args))
     preflight(cfg)
     out = Path(args.out) if args.out else default_out(args.config)
     if args.nproc < 1:
@@ -76,7 +76,8 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
         how = "stopped at a requested checkpoint" if summary["stopped"] else "finished"
         val = (f", val top-1 {summary['val_top1']:.4f} top-5 {summary['val_top5']:.4f} (best {summary['best_top1']:.4f})"
                if "val_top1" in summary else "")
-        print(f"{how}: {summary['step']} steps, epoch {summary['epoch']}{val}; {summary['checkpoint']}")
+        print(f"{how}: {summary['step']} steps, epoch {summary['epoch']}{val}; waited for data "
+              f"{summary['data_wait_fraction']:.1%} of the training time; {summary['checkpoint']}")
     return 0
 
 
@@ -85,6 +86,8 @@ def launch_local(args: argparse.Namespace, out: Path) -> int:
     from training.launch import launch_ranks
 
     command = [sys.executable, "-m", "senet", "train", args.config, "--out", str(out), "--resume", args.resume]
+    if args.set_file:
+        command += ["--set-file", str(Path(args.set_file).resolve())]
     for item in args.set:
         command += ["--set", item]
     return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
@@ -95,7 +98,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from training.build import preflight
     from training.throughput import bench_train
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, config_overrides(args))
     preflight(cfg)
     if args.batches < 2:
         raise UsageError(f"--batches {args.batches}: must be at least 2")
@@ -105,6 +108,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
           f"real data {result['real_step_s'] * 1e3:.1f} ms/step ({result['real_images_per_s']:.0f} img/s), "
           f"synthetic {result['synthetic_step_s'] * 1e3:.1f} ms/step ({result['synthetic_images_per_s']:.0f} img/s); "
           f"data-stall fraction {result['data_stall_fraction']:.1%} (time waiting for batches {result['data_wait_fraction']:.1%})")
+    print(result["verdict"])
     return 0
 
 
@@ -112,16 +116,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `train` and `bench-train` to the `senet` parser."""
     p = sub.add_parser("train", help="train on this machine (N local processes)")
     p.add_argument("config", help="YAML config (sections model, data, optim, train, slurm)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=3")
+    add_set_options(p)
     p.add_argument("--out", help="run folder (default runs/<config name>)")
     p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
     p.add_argument("--resume", default="auto", metavar="auto|PATH|none",
                    help="auto: continue from OUT/checkpoints/last.pt when present; PATH: that checkpoint; none: start fresh")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench-train", help="step time with real DALI batches vs a synthetic resident batch")
+    p = sub.add_parser("bench-train", help="step time with real DALI batches vs a synthetic resident batch, and "
+                       "whether the input or the model sets the pace")
     p.add_argument("config", help="YAML config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    add_set_options(p)
     p.add_argument("--batches", type=int, default=50, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--json", help="write the results as JSON")

@@ -44,6 +44,20 @@ def add_exclusion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", help="extra exclusion list (file names or tree-relative paths)")
 
 
+def add_set_options(p: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE (repeatable) and --set-file F: the overrides of a command that reads a config."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.epochs=3")
+    p.add_argument("--set-file", metavar="F", help="a file of --set items, one section.key=value per line (# starts "
+                   "a comment line), applied before any --set: e.g. the settings `senet bench-input --tune` wrote")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str | tuple[str, str]]:
+    """--set-file's items (each naming its FILE:LINE in errors), then --set's: a --set wins over the file."""
+    from training.config import read_overrides
+
+    return [*(read_overrides(args.set_file) if args.set_file else []), *args.set]
+
+
 def write_json(path: str | None, data: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

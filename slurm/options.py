@@ -6,9 +6,13 @@ import json
 from slurm.sbatch import parse_time
 
 
-def apply_cli(cfg_overrides: list[str], nodes: int | None, gpus_per_node: int | None, partition: str | None,
-              time_limit: str | None, account: str | None, qos: str | None, out: str | None) -> list[str]:
-    """The command-line options as `slurm.key=value` overrides, so they are validated and saved like `--set`."""
+def apply_cli(cfg_overrides: list[str | tuple[str, str]], nodes: int | None, gpus_per_node: int | None,
+              partition: str | None, time_limit: str | None, account: str | None, qos: str | None,
+              out: str | None) -> list[str | tuple[str, str]]:
+    """The command-line options as `slurm.key=value` overrides, so they are validated and saved like `--set`.
+
+    `cfg_overrides` may hold (where, item) pairs (`training.config.read_overrides`); they pass through.
+    """
     items = list(cfg_overrides)
     given = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "account": account, "qos": qos,
              "output_root": out, "time_min": parse_time(time_limit) if time_limit is not None else None}

@@ -329,6 +329,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_memory) -> None:
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp / "nan" / "metrics.jsonl") if "loss" in r)
 
 
+def test_a_well_fed_run_raises_no_stall_alarm_and_its_summary_gives_the_wait(tmp_path: Path, caplog) -> None:
+    """Batches already on the device (a ResidentLoader) never hold a step up: no warning in any window.
+
+    Windows of 12 steps of a model with some milliseconds of work each, as a real run's are long: in
+    a window of a few sub-millisecond steps, one scheduler hiccup inside `next` is a tenth of it."""
+    cfg = load_config(None, ["model.num_classes=3", "train.device=cpu", "train.epochs=3", f"train.batch_size={BATCH}",
+                             "train.log_every=12", "optim.lr=0.1", "optim.reference_batch=8"])
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (N_TRAIN,), generator=g)
+    images = torch.randn(N_TRAIN, 3, 32, 32, generator=g) + labels[:, None, None, None].float()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 3))
+    threads = torch.get_num_threads()
+    r = build(cfg, place_run(cfg, DistInfo()), tmp_path, data=Data(("a", "b", "c")),
+              loaders=(ResidentLoader(images, labels, BATCH), None), model=model)
+    try:
+        with caplog.at_level(logging.WARNING, logger="senet.train"):
+            summary = engine.fit(r, resume=None)
+    finally:
+        r.close()
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    assert summary["step"] == 36 and not [rec for rec in caplog.records if "input stall" in rec.getMessage()]
+    assert 0 <= summary["data_wait_fraction"] < cfg.train.data_wait_warn
+
+
 class CrashAt(ResidentLoader):
     """Training batches that fail when batch `at` is taken (overall count): a crash mid-epoch."""
 

@@ -114,6 +114,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _key("auto", "autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     compile: bool = _key(False, "torch.compile the model")
     log_every: int = _key(50, "steps between metrics.jsonl rows", min=1)
+    data_wait_warn: float = _key(0.05, "warn (once per log row at most) when a rank waited for data more than this "
+                                 "fraction of the row's time, naming the input setting to try; 1 = never", min=0.0,
+                                 max=1.0)
     eval_every: int = _key(1, "epochs between validations", min=1)
     dist_timeout_s: int = _key(600, "seconds a collective may wait for a dead rank before the job fails", min=10)
 
@@ -148,12 +151,13 @@ class Config:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "slurm": SlurmConfig}
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: typing.Sequence[str | tuple[str, str]] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides, validated.
 
     Args:
         path: a YAML file with some of the sections `model`, `data`, `optim`, `train`, `slurm`; None for defaults.
         overrides: `section.key=value` strings; the value is parsed as YAML (`3`, `0.1`, `null`, `true`, `[1, 2]`).
+            An item may be a (where, item) pair, `where` naming its origin in errors (`read_overrides`).
 
     Returns:
         The validated, frozen configuration.
@@ -177,7 +181,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}, got {type(raw).__name__}")
     raw = _migrate({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}, where)
     cfg = config_from_dict(raw, where)
-    for item in overrides:  # each override validated on its own, so an error names it
+    for given in overrides:  # each override validated on its own, so an error names it
+        origin, item = given if isinstance(given, tuple) else (f"--set {given}", given)
         section, key, value = _parse_override(item)
         if f"{section}.{key}" in MOVED:  # an old name given on the command line wins like any override
             new = MOVED[f"{section}.{key}"]
@@ -186,8 +191,35 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{where}: section '{section}' must be a mapping")
         raw.setdefault(section, {})[key] = value
-        cfg = config_from_dict(raw, f"--set {item}")
+        cfg = config_from_dict(raw, origin)
     return cfg
+
+
+def read_overrides(path: str | Path) -> list[tuple[str, str]]:
+    """The `section.key=value` lines of a settings file (`--set-file`), each with its FILE:LINE origin.
+
+    The format is `--set`'s, one item per line; blank lines and lines starting with `#` are skipped
+    (`senet bench-input --tune` writes such a file).
+
+    Raises:
+        ConfigError: the file cannot be read, or a line is not `section.key=value`.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the settings file ({e.strerror})") from None
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        try:
+            _parse_override(line)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        items.append((where, line))
+    return items
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:

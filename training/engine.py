@@ -49,6 +49,7 @@ from training.metrics import plot_curves, read_metrics
 from training.placement import Placement
 from training.precision import Precision
 from training.run_folder import BEST, CHECKPOINTS, CONFIG, CURVES, LAST, METRICS
+from training.stall import StallMonitor
 from training.weights import initialize_from
 
 log = logging.getLogger("senet.train")
@@ -112,13 +113,14 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
     """The epoch loop: train, validate, checkpoint; returns the run's summary."""
     cfg = r.cfg.train
     stopped = False
+    stalls = StallMonitor.for_run(r)
     for epoch in range(state.epoch, cfg.epochs):
         if state.mid_epoch:
             state.mid_epoch = False  # the loader was positioned by `restore`
         else:
             r.train_loader.set_epoch(epoch)
         state.epoch = epoch
-        stopped = train_one_epoch(r, state)
+        stopped = train_one_epoch(r, state, stalls)
         if stopped:
             break
         if r.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -139,17 +141,20 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         if improved and r.place.is_main:
             atomic_copy(path, path.with_name(BEST))
         distmod.barrier(r.group)
+    waited = stalls.overall()
+    if r.place.is_main:
+        log.info("input: the ranks waited for data %.1f%% of the training time (pipeline starts included)", 100 * waited)
     return {"step": state.step, "epoch": state.epoch, "stopped": stopped, **state.last_val,
-            "best_top1": state.best_top1, "checkpoint": str(r.out / CHECKPOINTS / LAST)}
+            "best_top1": state.best_top1, "checkpoint": str(r.out / CHECKPOINTS / LAST), "data_wait_fraction": waited}
 
 
 # ---------------------------------------------------------------------------------------- one epoch
-def train_one_epoch(r: Run, state: TrainState) -> bool:
+def train_one_epoch(r: Run, state: TrainState, stalls: StallMonitor | None = None) -> bool:
     """Train over the rest of `state.epoch`; returns True when a control request stopped the run."""
     cfg = r.cfg.train
     steps_per_epoch = r.schedule.steps_per_epoch
     epoch_end = (state.epoch + 1) * steps_per_epoch
-    meter = StepMeter(r.device, images_per_step=cfg.batch_size * r.place.dist.world_size)
+    meter = StepMeter(r.device, images_per_step=cfg.batch_size * r.place.dist.world_size, stalls=stalls)
     layout = batch_layout(r.cfg, r.place.device)
     r.train_model.train()
     batches = iter(r.train_loader)
@@ -187,9 +192,11 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
                 if stop:
                     if r.place.is_main:
                         log.info("stopping after the requested checkpoint at step %d", state.step)
+                    meter.finish()
                     return True
             state.mid_epoch = False
     meter.check_finite(state.step, r.group)
+    meter.finish()
     return False
 
 
@@ -238,13 +245,14 @@ class StepMeter:
     """Loss, throughput and data-wait of the steps since the last log row, kept on the device.
 
     Nothing here synchronises the GPU per step: losses are summed on the device, and the first
-    non-finite one is remembered there too; `flush` and `check_finite` sync once per call.
+    non-finite one is remembered there too; `flush` and `check_finite` sync once per call. The waits
+    (host clocks) go to the run's stall alarm at each row (`training.stall`).
     """
 
     NONE = 2**62  # "no bad step yet"
 
-    def __init__(self, device: torch.device, images_per_step: int) -> None:
-        self.device, self.images_per_step = device, images_per_step
+    def __init__(self, device: torch.device, images_per_step: int, stalls: StallMonitor | None = None) -> None:
+        self.device, self.images_per_step, self.stalls = device, images_per_step, stalls
         self.bad_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
         self.counter = torch.zeros((), dtype=torch.int64, device=device)  # steps seen, on the device
         self._reset()
@@ -252,10 +260,12 @@ class StepMeter:
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps, self.wait = 0, 0.0
+        self.waits: list[float] = []  # per step, for the stall alarm
         self.start = time.perf_counter()
 
     def waited(self, seconds: float) -> None:
         self.wait += seconds
+        self.waits.append(seconds)
 
     def add(self, loss: torch.Tensor) -> None:
         self.counter += 1
@@ -276,6 +286,8 @@ class StepMeter:
         """The log row of the window (loss averaged over steps and ranks); checks finiteness too."""
         self.check_finite(step, group)
         elapsed = time.perf_counter() - self.start
+        if self.stalls is not None:
+            self.stalls.window(step, self.waits, elapsed)
         sums = torch.tensor([float(self.loss_sum), float(self.steps), self.wait, elapsed], dtype=torch.float64)
         distmod.all_reduce(sums, "sum", group)
         world = max(1, torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1)
@@ -285,6 +297,12 @@ class StepMeter:
                "data_wait_fraction": min(1.0, wait / world / max(elapsed, 1e-9))}
         self._reset()
         return row
+
+    def finish(self) -> None:
+        """The steps after the last row of an epoch: they count in the run's overall data wait."""
+        if self.stalls is not None and self.waits:
+            self.stalls.tail(self.waits, time.perf_counter() - self.start)
+        self._reset()
 
 
 def agree_on_requests(control: RunControl, group: Any) -> bool:
