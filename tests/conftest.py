@@ -9,7 +9,9 @@ import pytest
 
 from pipeline.datasets import ImageIndex, index_train
 from pipeline.synthetic import SyntheticSpec, make_synthetic
-from tests.helpers import LEARN_CLASSES, SMALL, planted, train_demo_recipe
+from tests.helpers import (IN_MEMORY, LEARN_CLASSES, SMALL, fit_in_memory, planted, process_settings_kept,
+                           train_demo_recipe)
+from training.config import load_config
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,11 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     done = train_demo_recipe(data, cache, out, 2, "train.log_every=5", "train.checkpoint_every=50")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"data": data, "cache": cache, "run": out, "devkit": data / "ILSVRC2012_devkit_t12", "log": done.stdout}
+
+
+@pytest.fixture
+def in_memory(tmp_path: Path):
+    """`fit(out, resume, control=None, train=None, sets=())` of a small net on resident tensors (no data folder,
+    no DALI: a run takes a second), the base config, and tmp_path."""
+    with process_settings_kept():  # build() sets them for this process; leave the next tests as found
+        yield fit_in_memory, load_config(None, IN_MEMORY), tmp_path
