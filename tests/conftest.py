@@ -57,3 +57,27 @@ def in_memory(tmp_path: Path):
     no DALI: a run takes a second), the base config, and tmp_path."""
     with process_settings_kept():  # build() sets them for this process; leave the next tests as found
         yield fit_in_memory, load_config(None, IN_MEMORY), tmp_path
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """`mount(size_bytes)`: a fresh tmpfs of that size under tmp_path (a disk that really fills up); unmounted after.
+
+    Skips, saying why, where mounting is not allowed (it needs root and CAP_SYS_ADMIN).
+    """
+    mounted: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): the full-disk test "
+                        f"needs root with CAP_SYS_ADMIN")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)

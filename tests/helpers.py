@@ -159,6 +159,13 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
+def as_version_1(state: dict) -> dict:
+    """A checkpoint dict as the code before format version 2 wrote it: the same keys less `kind`, format_version 1."""
+    old = {k: v for k, v in state.items() if k != "kind"}
+    old["format_version"] = 1
+    return old
+
+
 class CheckpointRecorder(RunControl):
     """A RunControl that agrees on requests at every step and records the steps of the checkpoints it asked for."""
 

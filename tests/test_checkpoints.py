@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (BATCH, N_TRAIN, ROOT, CheckpointRecorder, SignalAt, fit_in_memory, flip_a_bit,
-                           process_settings_kept, tensors, truncate)
+from tests.helpers import (BATCH, N_TRAIN, ROOT, CheckpointRecorder, SignalAt, as_version_1, fit_in_memory,
+                           flip_a_bit, process_settings_kept, tensors, truncate)
 from training.checkpoint import ResumeError, load_checkpoint
 from training.checkpoint_folder import newest_usable, verify_candidate
 from training.checkpoint_manifest import Entry, Manifest, read_manifest, write_manifest
@@ -180,13 +180,6 @@ def test_a_kill_while_the_writer_writes_leaves_the_previous_checkpoint_whole_and
 
 
 # ---------------------------------------------------------------------------------------------- version 1
-def as_version_1(state: dict) -> dict:
-    """The dict the code before format version 2 wrote: the same keys less `kind`, format_version 1."""
-    old = {k: v for k, v in state.items() if k != "kind"}
-    old["format_version"] = 1
-    return old
-
-
 def test_a_version_1_run_folder_resumes_exactly_and_keeps_its_checkpoint_as_a_fallback(in_memory, runs) -> None:
     fit, cfg, tmp = in_memory
     folder = copy_run(runs["part"], tmp / "part") / "checkpoints"
