@@ -133,6 +133,8 @@ def test_when_no_checkpoint_verifies_the_resume_stops_naming_each_file_and_touch
     assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.is_symlink()} == before
     with pytest.raises(ResumeError, match="no checkpoint verifies"):  # what `senet submit --resume` checks
         newest_usable(folder, verify_candidate)
+    with pytest.raises(ResumeError, match=r"--resume .*ckpt-00000015.pt: sha256 differs"):  # one named by hand
+        fit(tmp / "run", str(folder / "ckpt-00000015.pt"))
 
 
 # ---------------------------------------------------------------------------------------- in the background
