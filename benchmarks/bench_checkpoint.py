@@ -1,22 +1,27 @@
 """What a checkpoint costs the step loop: synchronous writes vs rank 0's background writer, side by side.
 
-    python benchmarks/bench_checkpoint.py [--arch se_resnet50] [--steps 30] [--every 10] [--rounds 2]
+    python benchmarks/bench_checkpoint.py [--arch se_resnet50] [--steps 20] [--every 5] [--rounds 8]
                                           [--crop 32] [--batch-size 2] [--out DIR] [--json F]
 
 The training engine itself (`training.engine.fit`, one process, CPU) trains `--arch` on device-resident
 random batches, small enough that the state, not the step, is the point: SE-ResNet-50 holds 28.1 M
-parameters, so a checkpoint with SGD momentum is about 225 MB. It checkpoints every `--every` steps and
-at the end of the run (which waits for its last write). After one warm-up run (not reported), each round
-runs both writers, in alternating order: `train.background_checkpoints=false` (every write inside the step loop) and the background writer
-(host copy, then the write in a thread while training goes on).
+parameters, so a checkpoint with SGD momentum is about 225 MB. After one warm-up run (not reported), each
+round runs three modes back to back, their order rotating from round to round:
+- `steps only`: no periodic checkpoint, only the one at the end (the reference for the two others);
+- `synchronous`: every `--every` steps, written inside the step loop (`train.background_checkpoints=false`);
+- `background`: the same checkpoints, copied to host memory and written by rank 0's thread.
+Every run ends with its end-of-run checkpoint landed.
 
-Reported per writer (over all rounds):
+Reported per mode, over all rounds:
 - stall: the step loop's time inside a checkpoint call (the whole write when synchronous; waiting for the
   previous write plus the host copy in the background), median and max;
 - write: the time from the start of the file to its commit (fsync and read-back included), median;
 - step: the median step time with no write in flight, and with the background writer's write in flight
-  (it competes with training for the CPU cores: on 2 cores training slows down while it writes);
-- total: wall time for the `--steps` steps, from the first batch to the run's end (last write landed).
+  (on a machine with few cores it competes with training for them);
+- total: wall time from the first batch to the end of the run, min and median over rounds; and per
+  periodic checkpoint, (total - the same round's `steps only` total) / periodic checkpoints, median.
+On a machine shared with other jobs single steps can take ten times their usual time: the medians and
+the round-by-round differences are what to read.
 
 The run folders go to `--out` (default: a temporary folder beside this repository, so on its file system).
 """
@@ -44,7 +49,8 @@ from training.metrics import read_metrics
 from training.placement import place_run
 from training.ranks import DistInfo
 
-MODES = {"synchronous": ["train.background_checkpoints=false"], "background": ["train.background_checkpoints=true"]}
+MODES = {"steps only": ["train.checkpoint_every=100000000", "train.background_checkpoints=false"],
+         "synchronous": ["train.background_checkpoints=false"], "background": ["train.background_checkpoints=true"]}
 
 
 class TimedLoader(ResidentLoader):
@@ -65,7 +71,7 @@ def one_run(args: argparse.Namespace, mode: str, out: Path) -> dict[str, Any]:
     sets = [f"model.arch={args.arch}", "model.num_classes=1000", "train.device=cpu", "train.precision=fp32",
             "train.epochs=1", f"train.batch_size={args.batch_size}", f"train.checkpoint_every={args.every}",
             "train.log_every=100000", "train.keep_checkpoints=2", "optim.lr=0.01", "optim.reference_batch=256",
-            *MODES[mode]]
+            *MODES[mode]]  # later keys win: `steps only` overrides checkpoint_every
     cfg = load_config(None, sets)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size * args.steps, 3, args.crop, args.crop, generator=g)
@@ -93,18 +99,21 @@ def one_run(args: argparse.Namespace, mode: str, out: Path) -> dict[str, Any]:
             "total_s": end - starts[0]}
 
 
-def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per writer: medians (and the worst stall) over every checkpoint and step of every round."""
-    table = {}
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per mode: medians (and the worst stall) over every checkpoint and step of every round; totals."""
+    table: dict[str, dict[str, Any]] = {}
+    reference = {r["round"]: r["total_s"] for r in runs if r["mode"] == "steps only"}
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
         pooled = {k: [x for r in mine for x in r[k]] for k in ("stall_s", "write_s", "step_idle_s", "step_busy_s")}
+        periodic = [(r["total_s"] - reference[r["round"]]) / (r["checkpoints"] - 1) for r in mine if r["checkpoints"] > 1]
         table[mode] = {"stall_median_s": statistics.median(pooled["stall_s"]), "stall_max_s": max(pooled["stall_s"]),
                        "write_median_s": statistics.median(pooled["write_s"]),
                        "step_idle_median_s": statistics.median(pooled["step_idle_s"]),
                        "step_busy_median_s": statistics.median(pooled["step_busy_s"]) if pooled["step_busy_s"] else None,
-                       "total_s": [round(r["total_s"], 2) for r in mine],
-                       "total_median_s": statistics.median(r["total_s"] for r in mine)}
+                       "total_s": [round(r["total_s"], 2) for r in mine], "total_min_s": min(r["total_s"] for r in mine),
+                       "total_median_s": statistics.median(r["total_s"] for r in mine),
+                       "per_checkpoint_s": statistics.median(periodic) if periodic else None}
     return table
 
 
@@ -117,9 +126,9 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="se_resnet50")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--every", type=int, default=10, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each writer, alternating")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--every", type=int, default=5, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--rounds", type=int, default=8, help="runs of each mode, in rotating order")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--out", help="folder for the run folders (default: a temporary one beside the repository)")
@@ -132,9 +141,9 @@ def main() -> None:
     try:
         one_run(args, "background", root / "warm-up")  # first-run costs (allocations, kernel choice) kept out of the rows
         for k in range(args.rounds):
-            order = list(MODES) if k % 2 == 0 else list(reversed(MODES))
+            order = list(MODES)[k % len(MODES):] + list(MODES)[:k % len(MODES)]
             for mode in order:
-                runs.append(one_run(args, mode, root / f"{mode}-{k}"))
+                runs.append({**one_run(args, mode, root / f"{mode}-{k}".replace(" ", "-")), "round": k})
                 print(f"round {k + 1} {mode}: total {runs[-1]['total_s']:.1f} s, stalls "
                       f"{[round(s, 3) for s in runs[-1]['stall_s']]} s", flush=True)
     finally:
@@ -142,18 +151,17 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     table = summarise(runs)
     size = runs[0]["bytes"] / 1e6
-    print(f"\n{args.arch}, checkpoint {size:.0f} MB, {args.steps} steps, every {args.every} + end; file system {fs}")
+    print(f"\n{args.arch}, checkpoint {size:.0f} MB, {args.steps} steps, every {args.every} + end, "
+          f"{args.rounds} rounds; file system {fs}")
     print(f"before: {before}\nafter:  {machine()}\n")
-    print("| writer | stall per checkpoint, median (max) | write, median | step, no write in flight | "
-          "step, write in flight | total for the steps (each round) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| mode | stall per checkpoint, median (max) | write, median | step, no write in flight | "
+          "step, write in flight | total, min / median | per periodic checkpoint, vs steps only |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode, t in table.items():
         busy = f"{t['step_busy_median_s']:.2f} s" if t["step_busy_median_s"] is not None else "-"
+        per = f"{t['per_checkpoint_s']:+.2f} s" if t["per_checkpoint_s"] is not None else "-"
         print(f"| {mode} | {t['stall_median_s']:.2f} s ({t['stall_max_s']:.2f} s) | {t['write_median_s']:.2f} s | "
-              f"{t['step_idle_median_s']:.2f} s | {busy} | {t['total_median_s']:.1f} s ({', '.join(map(str, t['total_s']))}) |")
-    ratios = [b / a for a, b in zip(table["synchronous"]["total_s"], table["background"]["total_s"])]
-    print(f"\ntotal time, background / synchronous, per round (the two runs of a round are adjacent): "
-          f"{', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}")
+              f"{t['step_idle_median_s']:.2f} s | {busy} | {t['total_min_s']:.1f} / {t['total_median_s']:.1f} s | {per} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "summary": table, "file_system": fs, "before": before},
                                               indent=1) + "\n")

@@ -156,12 +156,16 @@ def verify(f: BinaryIO, expected: Entry | None) -> str | None:
 
 def state_from_bytes(data: bytes | bytearray | memoryview, name: str | Path, training: bool = True) -> dict[str, Any]:
     """The checkpoint dict held in `data`, upgraded to version 2 and checked (`load_checkpoint`'s rules)."""
+    return check_state(_torch_load(MemoryFile(data), name), name, training)
+
+
+def _torch_load(source: Any, name: str | Path, mmap: bool = False) -> Any:
+    """torch.load onto the CPU without unpickling code; CheckpointError for anything it cannot read."""
     try:
-        state = torch.load(MemoryFile(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a foreign file
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a foreign file
         raise CheckpointError(f"{name}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
-    return check_state(state, name, training)
 
 
 def check_state(state: Any, name: str | Path, training: bool = True) -> dict[str, Any]:
@@ -221,12 +225,7 @@ def load_checkpoint(path: str | Path, training: bool = True) -> dict[str, Any]:
 
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's counters and config with its tensors only memory-mapped: cheap, and NOT verified."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - as state_from_bytes
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
-    return check_state(state, path)
+    return check_state(_torch_load(path, path, mmap=True), path)
 
 
 def parameters_digest(state_dict: dict[str, torch.Tensor]) -> str:

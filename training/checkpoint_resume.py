@@ -59,8 +59,9 @@ def read_resume(resume: str | None, folder: Path, group: Any, is_main: bool) -> 
         try:
             found = _find(resume, folder)
             header = {"path": str(found[0].path), "bytes": len(found[1])} if found else {"fresh": True}
-        except CheckpointError as e:
-            header = {"error": str(e), "resume_error": isinstance(e, ResumeError)}
+        except Exception as e:  # noqa: BLE001 - told to every rank, never raised on rank 0 alone (the others would wait)
+            why = str(e) if isinstance(e, CheckpointError) else f"{folder}: cannot read a checkpoint ({e})"
+            header = {"error": why, "resume_error": isinstance(e, ResumeError)}
     if tdist.is_initialized():
         box = [header]
         tdist.broadcast_object_list(box, src=0, group=group)

@@ -386,10 +386,9 @@ def restore(r: Run, resume: str | None) -> TrainState:
     """
     folder = r.out / CHECKPOINTS
     resumed = read_resume(resume, folder, r.group, r.place.is_main)
-    if r.place.is_main:
-        r.checkpoints.start(continued_manifest(folder, resumed and resumed.candidate, resumed and resumed.digest,
-                                               int(resumed.state["epoch"]) if resumed else 0))
     if resumed is None:
+        if r.place.is_main:
+            r.checkpoints.start(continued_manifest(folder, None, None, 0))
         if r.place.is_main and r.log.path.is_file():
             r.log.truncate_after(0)  # a fresh run in a used folder: start the log afresh too
         if r.cfg.train.init_from:  # a fresh run only: a resume continues from its own checkpoint
@@ -411,6 +410,7 @@ def restore(r: Run, resume: str | None) -> TrainState:
     if state.mid_epoch:
         r.train_loader.load_state_dict(ckpt["loader"])
     if r.place.is_main:
+        r.checkpoints.start(continued_manifest(folder, resumed.candidate, resumed.digest, state.epoch))
         r.log.truncate_after(state.step)
         r.log.write({"event": "resume", "step": state.step})
         if resumed.note:
