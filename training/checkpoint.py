@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from training.checkpoint_manifest import MANIFEST, Entry, recorded_entry
-from training.durable import CHUNK, FileDigest, atomic_write
+from training.durable import CHUNK, FileDigest, atomic_write, file_digest
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -67,16 +67,31 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def atomic_save(obj: Any, path: Path) -> FileDigest:
+def atomic_save(obj: Any, path: Path, read_back: bool = False) -> FileDigest:
     """torch.save to `path` so that a reader sees the old file or the new one, never a torn one.
+
+    Args:
+        obj: what to save.
+        path: the file.
+        read_back: before the file takes its name, read it back from the storage and compare its sha256
+            with that of the bytes written (a name then only ever points at bytes known to be stored).
 
     Returns:
         The size and sha256 of the bytes written.
 
     Raises:
-        OSError: the file system's error (the temporary file is removed).
+        OSError: the file system's error; CheckpointWriteError: the bytes read back differ (the temporary
+            file is removed either way, and `path` is untouched).
     """
-    with atomic_write(Path(path)) as f:
+    path = Path(path)
+
+    def compare(written: Path, digest: FileDigest) -> None:
+        back = file_digest(written, from_storage=True)
+        if back != digest:
+            raise CheckpointWriteError(f"{path}: read back {back.bytes} bytes with another sha256 than the "
+                                       f"{digest.bytes} written; the storage does not keep what it is given")
+
+    with atomic_write(path, compare if read_back else None) as f:
         torch.save(obj, f)
     return f.digest
 

@@ -2,9 +2,9 @@
 
 At a checkpoint boundary rank 0 waits for its previous write (at most one is in flight), copies the state
 to host memory (`HostSnapshot`: buffers reused from one checkpoint to the next, pinned for GPU tensors)
-and returns to training; a background thread writes the copy to `ckpt-<step>.pt` (its sha256 computed
-on the way), reads it back from the storage to compare, and commits it (training.checkpoint_folder:
-last.pt, manifest, best.pt, pruning). The other ranks never wait for it.
+and returns to training; a background thread writes the copy (its sha256 computed on the way), reads it
+back from the storage to compare, only then names it `ckpt-<step>.pt`, and commits it
+(training.checkpoint_folder: last.pt, manifest, best.pt, pruning). The other ranks never wait for it.
 
 Whatever depends on a checkpoint being on disk - a requested stop, a Slurm requeue, the end of the run -
 calls `settle` first: every rank waits there until rank 0's write has landed, and learns whether it failed.
@@ -33,7 +33,6 @@ from training import dist as distmod
 from training.checkpoint import CheckpointWriteError, atomic_save
 from training.checkpoint_folder import checkpoint_name, commit, entry_for
 from training.checkpoint_manifest import Manifest
-from training.durable import file_digest
 from training.metrics import MetricsLog
 
 
@@ -164,12 +163,7 @@ class CheckpointWriter:
         path = self.folder / name
         began = time.perf_counter()
         try:
-            digest = atomic_save(state, path)
-            back = file_digest(path, from_storage=True)
-            if back != digest:
-                path.unlink(missing_ok=True)
-                raise CheckpointWriteError(f"{path}: read back {back.bytes} bytes with another sha256 than the "
-                                           f"{digest.bytes} written; the storage does not keep what it is given")
+            digest = atomic_save(state, path, read_back=True)
             entry = entry_for(name, job.step, job.epoch, digest, job.val_top1 if job.best else None)
             self.manifest = commit(self.folder, self.manifest, entry, self.keep, job.best)
             job.bytes = digest.bytes

@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 CHUNK = 16 << 20  # bytes per read when hashing a file: large reads, bounded memory
 
@@ -71,8 +71,13 @@ def is_temporary(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[HashingFile]:
+def atomic_write(path: Path, check: Callable[[Path, FileDigest], None] | None = None) -> Iterator[HashingFile]:
     """Write `path` through the yielded HashingFile; the name points at the new bytes only once they are durable.
+
+    Args:
+        path: the final name.
+        check: called with the temporary file and the digest of what was written, after fsync and before
+            the rename; whatever it raises leaves the old file in place (e.g. a read-back that differs).
 
     Raises:
         OSError: the file system's error (ENOSPC, EDQUOT, EIO...); the temporary file is gone.
@@ -86,6 +91,8 @@ def atomic_write(path: Path) -> Iterator[HashingFile]:
         f.flush()
         os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         f.close()
+        if check is not None:
+            check(tmp, out.digest)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
