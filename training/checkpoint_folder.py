@@ -87,7 +87,8 @@ def candidates(folder: Path) -> tuple[list[Candidate], Manifest | None, str | No
         if match and not listed and step not in found:
             found[step] = Candidate(path, step, None)
     last = folder / LAST
-    if last.is_file() and not last.is_symlink() and not any(os.path.samefile(last, c.path) for c in found.values()):
+    if last.is_file() and not last.is_symlink() and not any(c.path.exists() and os.path.samefile(last, c.path)
+                                                           for c in found.values()):
         try:
             step = int(peek_checkpoint(last)["step"])
         except (CheckpointError, KeyError, ValueError, TypeError):
