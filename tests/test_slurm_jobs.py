@@ -133,6 +133,13 @@ def wait_for_end(job_id: str, run_dir: Path) -> None:
                f"sacct reporting job {job_id} COMPLETED (it says {sacct_states(job_id)}; logs in {run_dir / 'logs'})")
 
 
+def preempt(job_id: str) -> str:
+    """An urgent job on exactly the nodes of `job_id` (the cluster's idle nodes would not preempt it); its id."""
+    nodes = slurm("squeue", "-h", "-j", job_id, "-o", "%N").strip()
+    return slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", f"--nodelist={nodes}", "--exclusive",
+                 "--output=/dev/null", "--job-name=urgent-test_slurm_jobs", "--wrap", "true").strip()
+
+
 def rank0_log(job_id: str, run_dir: Path) -> str:
     return (run_dir / "logs" / f"{job_id}_0_log.err").read_text()
 
@@ -234,8 +241,7 @@ def test_preemption_by_the_urgent_partition_requeues_and_resumes_to_the_same_par
         cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest) -> None:
     job_id, run_dir = submit(workspace, "--partition", "debug")
     wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {job_id} training")
-    urgent = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
-                   "--job-name=urgent-test_slurm_jobs", "--wrap", "true").strip()
+    urgent = preempt(job_id)
     wait_for_end(job_id, run_dir)
     assert sacct_states(urgent) == ["COMPLETED"]
     states = sacct_states(job_id)

@@ -102,7 +102,8 @@ def fit(r: Run, resume: str | None = "auto") -> dict[str, Any]:
     """Restore (or start fresh), train to `train.epochs` or a requested stop, draw the curves; the summary."""
     state = restore(r, resume_path(resume, r.out / CHECKPOINTS))
     write_run_files(r)
-    summary = train(r, state)
+    with r.health.guard():  # a hung, dead or failed rank leaves as one verdict naming it (training.health)
+        summary = train(r, state)
     if r.place.is_main:
         plot_curves(read_metrics(r.out / METRICS), r.out / CURVES)
     return summary
@@ -164,6 +165,8 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
         loss = train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)
         r.schedule.step()
         state.step += 1
+        r.health.step_done(state.step)
+        r.stragglers.step_done()
         meter.add(loss)
         if state.step % cfg.log_every == 0:
             row = meter.flush(state.step, r.group)
@@ -172,6 +175,7 @@ def train_one_epoch(r: Run, state: TrainState) -> bool:
                 log.info("epoch %d step %d/%d: loss %.4f lr %.4g %.0f img/s data wait %.0f%%", state.epoch + 1,
                          state.step - state.epoch * steps_per_epoch, steps_per_epoch, row["loss"], lr,
                          row["images_per_s"], 100 * row["data_wait_fraction"])
+            r.stragglers.window_done(state.step, r.group, r.log)  # names the rank the others wait for
         requested = state.step % r.control.check_every == 0 and agree_on_requests(r.control, r.group)
         periodic = state.step % cfg.checkpoint_every == 0 and state.step != epoch_end  # epoch end: after validation
         if periodic or requested:
