@@ -389,7 +389,7 @@ def test_a_stopped_rank_then_a_lost_node_are_named_and_the_run_continues_elsewhe
     assert named["action"] == "continued" and named["new_job"] == second and named["exclude"] == [hung["node"]]
     assert continued_after < 10 + 10, continued_after  # train.dist_timeout_s, then seconds
     wait_until(lambda: not in_queue(first), 30, f"job {first} ending (cancelled by the rank that named rank 3)")
-    assert sacct_states(first) == ["CANCELLED"]
+    wait_until(lambda: sacct_states(first) == ["CANCELLED"], 15, f"sacct reporting job {first} CANCELLED")
 
     killed: list[int] = []
     try:
@@ -423,7 +423,7 @@ def test_a_nan_loss_stops_the_run_once_in_one_line_and_senet_jobs_says_why(
         cluster: dict[str, str], workspace: Path, capsys: pytest.CaptureFixture) -> None:
     job_id, run_dir = submit(workspace, "--set", "optim.lr=1.0e+30")  # the weights explode at the first step
     wait_until(lambda: not in_queue(job_id), JOB_TIMEOUT_S, f"job {job_id} leaving the queue")
-    assert sacct_states(job_id) == ["FAILED"]
+    wait_until(lambda: sacct_states(job_id) == ["FAILED"], 15, f"sacct reporting job {job_id} FAILED")
     (stopped,) = records(run_dir)
     assert stopped["action"] == "stopped" and stopped["reason"] == "deterministic (NonFiniteLoss): not retried"
     assert json.loads((run_dir / "job.json").read_text())["jobs"] == [job_id]  # nothing was submitted after it
