@@ -5,9 +5,9 @@ slow. Waiting times can: each rank times how long it waits where DDP holds the r
 buffer broadcast at the start of the forward, the gradient all-reduce: `SyncTimer`) - the rank that
 arrives last waits least. Every `window` steps (a multiple of `train.log_every`, at least `MIN_WINDOW`)
 the ranks gather those waits on the control group, and a rank that was last in most steps of the window
-while the others waited for it a noticeable share of the step (`MIN_SHARE`, at least `MIN_WAIT_S`) is
-named: a warning in the log (rank 0, when it starts, moves or ends) and a `straggler` event in
-metrics.jsonl at every window it lasts: `{"event": "straggler", "step", "rank", "node", "host", "last_in",
+while the others waited for it a noticeable share of the step (`MIN_SHARE`, at least `MIN_WAIT_S`), in
+two windows running (one alone is often a busy host's noise), is named: a warning in the log (rank 0,
+when it starts, moves or ends) and a `straggler` event in metrics.jsonl at every window it lasts: `{"event": "straggler", "step", "rank", "node", "host", "last_in",
 "window", "wait_s", "step_s"}`.
 
 On the CPU (gloo) the times are host clocks; on the GPU they are CUDA events on the device's stream,
@@ -179,6 +179,7 @@ class StragglerWatch:
         self.window = log_every * math.ceil(MIN_WINDOW / log_every)
         self.slow_down_s = slow_down_s
         self.named: int | None = None
+        self._previous: int | None = None  # the rank found in the last window: named when found twice in a row
         self._waits: list[float] = []
         self._ends: list[float] = [time.perf_counter()]  # when each step of the window ended
 
@@ -190,7 +191,8 @@ class StragglerWatch:
             self._ends.append(time.perf_counter())
 
     def window_done(self, step: int, group: Any, metrics: MetricsLog) -> Straggler | None:
-        """At a log step: once a window is full, gather every rank's waits (a collective) and name the slow rank."""
+        """At a log step: once a window is full, gather every rank's waits (a collective) and name the slow rank
+        (the one found in this window and the one before)."""
         if self.timer is None:
             return None
         self._waits += self.timer.take()
@@ -204,8 +206,10 @@ class StragglerWatch:
         waits = torch.stack(everyone).numpy()
         waits = waits[:, ~np.isnan(waits).any(axis=0)]
         found = slowest(waits, step_s)
-        self._report(step, found, step_s, metrics)
-        return found
+        confirmed = found if found is not None and found.rank == self._previous else None
+        self._previous = found.rank if found is not None else None
+        self._report(step, confirmed, step_s, metrics)
+        return confirmed
 
     def _report(self, step: int, found: Straggler | None, step_s: float, metrics: MetricsLog) -> None:
         if self.rank != 0:
