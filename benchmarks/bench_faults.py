@@ -156,14 +156,21 @@ def submit(work: Path, config: Path, *extra: str) -> tuple[str, Path]:
 
 
 class Peak:
-    """The highest step metrics.jsonl has shown so far (the next job's resume drops the rows after its checkpoint)."""
+    """The highest step trained before the fault's resume, as metrics.jsonl showed it over time (the next job's
+    resume drops the rows after its checkpoint, then writes its resume event)."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir, self.step = run_dir, last_step(run_dir)
+    def __init__(self, run_dir: Path, resumes_before: int) -> None:
+        self.run_dir, self.resumes_before, self.step = run_dir, resumes_before, last_step(run_dir)
 
     def __call__(self, condition: Callable[[], Any]) -> Callable[[], Any]:
         def watched() -> Any:
-            self.step = max(self.step, last_step(self.run_dir))
+            seen = 0
+            for r in rows(self.run_dir):
+                seen += r.get("event") == "resume"
+                if seen > self.resumes_before:
+                    break
+                if "loss" in r:
+                    self.step = max(self.step, r["step"])
             return condition()
         return watched
 
@@ -215,7 +222,7 @@ def slurm_fault(work: Path, config: Path, kind: str) -> dict[str, Any]:
             run("sbatch", "--parsable", "--partition=urgent", "--nodes=2", f"--nodelist={nodes}", "--exclusive",
                 "--output=/dev/null", "--job-name=urgent-bench", "--wrap", "sleep 1")
         t0 = time.monotonic()
-        peak = Peak(run_dir)
+        peak = Peak(run_dir, resumes)
         try:
             times = follow(run_dir, job_id, t0, resumes, peak, failure=kind in ("slurm_stop", "slurm_node"),
                            requeue=kind == "slurm_requeue")
@@ -250,7 +257,8 @@ def main() -> None:
             result = slurm_fault(work, config, kind)
         print(json.dumps({k: v for k, v in result.items() if k != "records"}), flush=True)
         results.append(result)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    model = [line.split(":", 1)[1].strip() for line in run("lscpu").splitlines() if line.startswith("Model name")]
+    machine = {"cpu": model[0] if model else platform.machine(), "cores": os.cpu_count(),
                "load_average": [round(x, 2) for x in os.getloadavg()], "dist_timeout_s": DIST_TIMEOUT_S}
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
