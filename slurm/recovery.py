@@ -161,14 +161,14 @@ def after_failure(job: RunJob, verdict: Verdict) -> None:
     if decision.action == "stop":
         record.update(action="stopped", reason=decision.reason)
     append_record(job.run_dir, record)
-    if record["action"] == "continued":
+    if record["action"] == "continued":  # the verdict's own line came first (training.health)
         where = f" without {', '.join(decision.exclude)}" if decision.exclude else ""
-        log.error("%s; the run continues as job %s%s from step %s (failure %d of slurm.max_failure_requeues = %d)",
-                  verdict.message, record["new_job"], where, record["resume_step"],
+        log.error("%s: the run continues as job %s%s from step %s (failure %d of slurm.max_failure_requeues = %d)",
+                  record["summary"], record["new_job"], where, record["resume_step"],
                   1 + sum(1 for r in records if r.get("action") == "continued" and r.get("kind") != "preempted"),
                   job.cfg.slurm.max_failure_requeues)
     else:
-        log.error("%s; the run stops: %s", verdict.message, decision.reason)
+        log.error("%s: the run stops: %s", record["summary"], decision.reason)
     if own and (record["action"] == "continued" or verdict.kind != "error"):
         end_job(own)  # a hung rank never leaves by itself; the others may still wait for it
 
@@ -222,6 +222,6 @@ def end_job(job_id: str) -> None:
 def summary(verdict: Verdict) -> str:
     """A short form of the verdict for `senet jobs`: who, where, after which step."""
     who = ", ".join(f"rank {r} ({n})" for r, n in zip(verdict.ranks, verdict.nodes)) or "a collective"
-    what = {"silent": "stopped answering", "stuck": "fell behind", "error": f"failed: {verdict.error}",
-            "collective": f"failed: {verdict.error}"}.get(verdict.kind, verdict.kind)
-    return f"{who} {what} after step {verdict.step}"
+    what = {"silent": "stopped answering", "stuck": "fell behind"}.get(verdict.kind, "failed")
+    cause = f": {verdict.error}" if verdict.kind in ("error", "collective") else ""
+    return f"{who} {what} after step {verdict.step}{cause}"

@@ -167,7 +167,8 @@ def test_dry_run_of_the_paper_recipe_shows_4_nodes_of_8_gpus_and_8_tasks(tmp_pat
     assert main(["submit", str(ROOT / "configs" / "se_resnext50_32x4d.yaml"), "--out", str(tmp_path), "--dry-run"]) == 0
     script = capsys.readouterr().out
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
-                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=1440", "#SBATCH --signal=USR2@120"):
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=1440", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --requeue"):  # a cluster with JobRequeue=0 would refuse the requeue otherwise
         assert line in script.splitlines(), script
     assert "submitit.core._submit" in script and "PYTHONPATH=" in script
     # srun of Slurm 22.05-23.02 does not inherit --cpus-per-task from sbatch: the job passes it itself
@@ -292,6 +293,23 @@ def test_a_cancelled_run_continues_with_submit_resume_to_the_same_parameters(
     resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
     assert resumes == [stopped_at]
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
+
+
+def test_a_run_whose_checkpoints_outlast_its_warning_is_refused_before_it_queues_again(
+        cluster: dict[str, str], workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Its own metrics say a checkpoint takes 45 s: 30 s before the time limit cannot save it and requeue."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(workspace / "test_slurm_jobs.yaml")
+    (run_dir / "config.yaml").write_text((workspace / "test_slurm_jobs.yaml").read_text())
+    (run_dir / "job.json").write_text(json.dumps({"job_id": "999999", "workdir": str(workspace)}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "checkpoint", "step": 6, "write_s": 45.0}) + "\n")
+    assert cfg.slurm.signal_delay_s == 30
+    assert main(["submit", "--resume", str(run_dir)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert "slurm.signal_delay_s = 30 s cannot cover a checkpoint" in line and "writes so far up to 45.00 s" in line
+    assert not captured.out  # nothing submitted
 
 
 def test_resume_of_a_folder_without_a_checkpoint_is_one_line(cluster: dict[str, str], tmp_path: Path,

@@ -23,6 +23,9 @@ at each epoch end (after validation, so best.pt can be chosen), and when a `RunC
 handler on ANY rank may ask; the ranks agree with one tiny all-reduce every `control.check_every`
 steps, on a CPU group so a GPU stream is never synchronised for it).
 
+Each finished step is reported to `training.health` (heartbeats: a hung, dead or failed rank is named,
+and the loop leaves as one verdict) and `training.stragglers` (the rank the others wait for is named).
+
 No host synchronisation in a step that neither logs nor checkpoints: the loss is accumulated on the
 device (`StepMeter`), the loaders deliver device tensors without waiting, and fp16's loss scaling uses
 the fused optimizer's on-device skip.

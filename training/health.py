@@ -36,10 +36,11 @@ from typing import Any, Callable, Iterator
 
 import torch.distributed as tdist
 
+from training.run_folder import HEALTH
+
 log = logging.getLogger("senet.health")
 
-HEALTH = "health"  # RUN/health/<session>/rank-<r>.json and verdict.json
-VERDICT = "verdict.json"
+VERDICT = "verdict.json"  # RUN/health/<session>/verdict.json, beside each rank's rank-<r>.json
 RUN_ID_ENV = "SENET_RUN_ID"  # set by `senet train --nproc` so that it finds its ranks' verdict
 # A collective failed because a peer did (its message names no rank): gloo's and NCCL's words for it.
 COLLECTIVE_WORDS = ("gloo", "NCCL", "c10d", "ProcessGroup", "Connection closed by peer", "Connection reset by peer",

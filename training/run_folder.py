@@ -5,6 +5,7 @@ that read them (predict, the demo's report, the Slurm commands) all agree on it.
     RUN/config.yaml          resolved (overrides applied)   RUN/checkpoints/best.pt   best val top-1 so far
     RUN/metrics.jsonl        one JSON row per log step, validation, resume and checkpoint write
     RUN/curves.png           loss, learning rate and validation accuracy against the step
+    RUN/health/<session>/    each rank's heartbeat, and the verdict naming a failed rank (training.health)
 
 A Slurm job adds its own (job.json, logs/, code/: slurm.job_folder).
 """
@@ -17,6 +18,7 @@ CHECKPOINTS = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 CONFIG, GIVEN_CONFIG = "config.yaml", "config.given.yaml"
+HEALTH = "health"
 RUNS = Path("runs")  # where `senet train` puts a run folder unless --out says otherwise
 
 
