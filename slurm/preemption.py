@@ -164,7 +164,8 @@ def plan(partition: Partition, cluster: Cluster, cfg: Config, times: RunTimes = 
         line = f"preemption on {where}: none (PreemptType={cluster.preempt_type}, PreemptMode={partition.preempt_mode})"
     elif partition.preempt_mode == "SUSPEND":
         line = (f"preemption on {where}: the job is suspended in place (PreemptMode=SUSPEND) and goes on where it "
-                f"stopped")
+                f"stopped; a suspension longer than the collectives' timeout (train.dist_timeout_s = "
+                f"{cfg.train.dist_timeout_s} s and a little) fails them, and the run continues in a new job")
     elif partition.preempt_mode == "REQUEUE":
         line = (f"preemption on {where}: Slurm requeues the job (PreemptMode=REQUEUE); it checkpoints at the "
                 f"{warning} ({timing}) and the requeued job resumes from it")
