@@ -75,6 +75,14 @@ def test_the_rank_the_others_wait_for_is_named_when_last_in_most_steps_of_the_wi
     assert 0.24 < found.wait_s < 0.26
 
 
+def test_a_rank_the_others_wait_for_every_other_step_is_named_at_its_average_cost() -> None:
+    """A bursty input: in the steps between, the others wait for their own data, not at the collectives."""
+    waits = np.tile([[1.0, 0.01], [1.0, 0.02], [0.0, 0.01], [1.0, 0.0]], 4)  # rank 2 costs 1 s every other step
+    found = slowest(waits, step_s=1.1)
+    assert found is not None and found.rank == 2 and found.last_in == 4 and found.window == 8
+    assert found.wait_s == pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("why, waits", [
     ("noise: milliseconds on a half-second step", np.random.default_rng(1).uniform(0, 0.01, size=(4, 8))),
     ("last in only half the steps", np.array([[0.3, 0.0, 0.3, 0.0], [0.0, 0.3, 0.0, 0.3]])),

@@ -4,9 +4,10 @@ Under DDP every rank's step takes as long as the slowest rank's, so step times c
 slow. Waiting times can: each rank times how long it waits where DDP holds the ranks together (the
 buffer broadcast at the start of the forward, the gradient all-reduce: `SyncTimer`) - the rank that
 arrives last waits least. Every `window` steps (a multiple of `train.log_every`, at least `MIN_WINDOW`)
-the ranks gather those waits on the control group, and a rank that was last in most steps of the window
-while the others waited for it a noticeable share of the step (`MIN_SHARE`, at least `MIN_WAIT_S`), in
-two windows running (one alone is often a busy host's noise), is named: a warning in the log (rank 0,
+the ranks gather those waits on the control group, and a rank that arrived last in most of the window's
+steps in which anyone kept the others waiting, at an average cost of a noticeable share of the step
+(`MIN_SHARE`, at least `MIN_WAIT_S`), in two windows running (one alone is often a busy host's noise),
+is named (`slowest`): a warning in the log (rank 0,
 when it starts, moves or ends) and a `straggler` event in metrics.jsonl at every window it lasts: `{"event": "straggler", "step", "rank", "node", "host", "last_in",
 "window", "wait_s", "step_s"}`.
 
@@ -66,31 +67,38 @@ class Straggler:
     """The rank named slow in one window."""
 
     rank: int
-    last_in: int  # steps of the window in which it arrived last
+    last_in: int  # steps of the window in which the others waited for it
     window: int
-    wait_s: float  # how long the others waited for it per step (median over the window of their median wait)
+    wait_s: float  # how long the others waited for it per step, on average over the window
 
 
 def slowest(waits: np.ndarray, step_s: float) -> Straggler | None:
-    """The rank that arrived last in most steps while the others waited for it long enough; else None.
+    """The rank the others waited for in most of the window's waiting steps, at a real cost; else None.
+
+    In a step, rank r is behind when the others' median wait exceeds its own by at least
+    max(`MIN_WAIT_S`, `MIN_SHARE` x the step): it arrived last (waited least) while they waited for it.
+    Against the others' median rather than their minimum, so that another rank's occasional stumble
+    does not hide one that is behind step after step. The rank named was behind in most of the steps
+    in which anyone was (on a host whose input is bursty, no rank may keep the others waiting in
+    every step), and cost the others at least that threshold per step on average over the window.
 
     Args:
-        waits: seconds each rank (row) waited at the all-reduce in each step (column).
-        step_s: the mean step time of the window.
+        waits: seconds each rank (row) waited in each step (column).
+        step_s: the median step time of the window.
     """
     ranks, steps = waits.shape
     if ranks < 2 or steps < 1:
         return None
-    last = waits.argmin(axis=0)
-    counts = np.bincount(last, minlength=ranks)
-    rank = int(counts.argmax())
-    if counts[rank] * 2 <= steps:
+    others = np.stack([np.median(np.delete(waits, r, axis=0), axis=0) for r in range(ranks)])
+    lag = others - waits  # how long the others waited for each rank, per step
+    threshold = max(MIN_WAIT_S, MIN_SHARE * step_s)
+    behind = lag >= threshold
+    rank = int(behind.sum(axis=1).argmax())
+    waiting_steps = int(behind.any(axis=0).sum())
+    cost = float(np.clip(lag[rank], 0, None).mean())
+    if behind[rank].sum() * 2 <= waiting_steps or cost < threshold:
         return None
-    others = np.delete(waits, rank, axis=0)
-    margin = float(np.median(np.median(others, axis=0) - waits[rank]))
-    if margin < max(MIN_WAIT_S, MIN_SHARE * step_s):
-        return None
-    return Straggler(rank, int(counts[rank]), steps, margin)
+    return Straggler(rank, int(behind[rank].sum()), steps, cost)
 
 
 class SyncTimer:
