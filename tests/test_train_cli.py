@@ -210,7 +210,7 @@ def test_a_slow_rank_is_named_and_once_stopped_the_run_ends_naming_it_within_the
     named = lambda: [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "straggler"]  # noqa: E731
     wait_for(named, proc, 150, "a slow rank named in metrics.jsonl")
     (event,) = named()[:1]
-    assert event["rank"] == 1 and event["node"] == socket.gethostname() and event["last_in"] * 2 > event["window"]
+    assert event["rank"] == 1 and event["node"] == socket.gethostname() and event["last_in"] * 2 >= event["window"]
     assert event["wait_s"] > 0.1  # a good part of the 0.4 s (the rest overlaps with the others' own input waits)
 
     victim = heartbeat(out, 1)
