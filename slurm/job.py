@@ -106,13 +106,14 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 class SlurmControl(RunControl):
-    """RunControl for a Slurm task: USR2 and SIGTERM ask for a checkpoint and a stop; USR2 then requeues."""
+    """RunControl for a Slurm task: USR2 and SIGTERM ask for a checkpoint and a stop; USR2 then requeues, a
+    preemption Slurm will not requeue submits the run's next job, and a rank's failure continues the run
+    elsewhere (`slurm.recovery`)."""
 
     def __init__(self, dist: DistInfo, job: TrainJob, check_every: int = CHECK_EVERY) -> None:
         super().__init__(check_every)
         self.dist, self.job = dist, job
         self.continued: str | None = None  # the run's next job, submitted after a CANCEL preemption
-        self.verdict: Verdict | None = None  # the failure this rank named
         # USR2, unless SUBMITIT_PREEMPT_SIGNAL names another (never USR1: NCCL's)
         self.warn_signal = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
         self.requeue_handler: Callable[[int, FrameType | None], Any] | None = None
@@ -159,7 +160,6 @@ class SlurmControl(RunControl):
 
     def on_rank_failure(self, verdict: Verdict) -> None:
         """On the rank that named a failure: continue the run in a new job without the suspect node, or stop it."""
-        self.verdict = verdict
         recovery.after_failure(self.job, verdict)
 
     def leave(self) -> None:

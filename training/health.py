@@ -233,6 +233,7 @@ class Health:
         self._seq = 0
         self._progress = time.monotonic()
         self._failing = threading.Lock()  # taken once, by the first path that handles a failure; never released
+        self._writing = threading.Lock()  # the thread and a failing main thread both write this rank's beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="senet-heartbeat", daemon=True)
 
@@ -368,16 +369,17 @@ class Health:
 
     # ---------------------------------------------------------------------------- beats and watching
     def _beat(self) -> None:
-        self._seq += 1
-        beat = Beat(self.me.rank, self.me.node, self.me.host, self.me.pid, self.step, self._seq, self._state,
-                    self._error, self.folder.name)
-        path = self.folder / f"rank-{self.me.rank}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(asdict(beat)))
-            tmp.replace(path)
-        except OSError as e:  # a full or hanging file system: the next beat tries again
-            log.warning("heartbeat %s not written: %s", path, e)
+        with self._writing:
+            self._seq += 1
+            beat = Beat(self.me.rank, self.me.node, self.me.host, self.me.pid, self.step, self._seq, self._state,
+                        self._error, self.folder.name)
+            path = self.folder / f"rank-{self.me.rank}.json"
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                tmp.write_text(json.dumps(asdict(beat)))
+                tmp.replace(path)  # readers see the old beat or the new one, never half of one
+            except OSError as e:  # a full or hanging file system: the next beat tries again
+                log.warning("heartbeat %s not written: %s", path, e)
 
     def _read_peers(self) -> dict[int, Beat | None]:
         """Every other rank's last heartbeat of this session (None: missing, torn or another session's)."""
