@@ -228,6 +228,7 @@ class Health:
         self.interval = heartbeat_interval(dist_timeout_s)
         self.on_failure = on_failure or (lambda verdict: None)
         self.step = 0
+        self.watching = folder is not None  # reads the others' beats when the loop stalls
         self.claimed: Verdict | None = None
         self._state, self._error = RUNNING, ""
         self._seq = 0
@@ -256,10 +257,24 @@ class Health:
         folder.mkdir(parents=True, exist_ok=True)
         health = cls(me, [info for info, _ in everyone], folder, dist_timeout_s, on_failure)
         health._beat()
+        tdist.barrier(group=group)  # every first beat is written
+        health.watching = health._others_visible()
+        if not health.watching:
+            log.warning("rank %d cannot read the other ranks' heartbeats in %s (is the run folder on storage every "
+                        "node sees?): a hung rank is left to the collectives' own timeout", rank, folder)
         if rank == 0:
             prune_sessions(folder.parent, keep=session)
         health._thread.start()
         return health
+
+    def _others_visible(self, patience_s: float = 3.0) -> bool:
+        """Whether this rank sees every other rank's first beat (a shared file system may show it late)."""
+        deadline = time.monotonic() + patience_s
+        while any(beat is None for beat in self._read_peers().values()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     # ------------------------------------------------------------------------------- the loop's hooks
     def step_done(self, step: int) -> None:
@@ -315,6 +330,10 @@ class Health:
             verdict = own_verdict(self.me, self.step, exc)
         elif silent is not None:
             verdict = diagnose(self.me, self.step, beats or {}, silent, self.infos)
+        elif not self.watching:  # no heartbeats to read: the collective's own words are all there is
+            verdict = Verdict("collective", f"a collective failed after step {self.step}: {describe(exc)} (the other "
+                                            f"ranks' heartbeats are not readable here: no rank can be named)",
+                              error=describe(exc), step=self.step, reporter=self.me.rank)
         else:
             verdict = self._observe(describe(exc) if exc is not None else "")
         if self._claim(verdict):
@@ -406,7 +425,7 @@ class Health:
             self._beat()
             if self._failing.locked():  # the main thread is handling a failure: keep beating, it needs the others' beats
                 continue
-            if now - self._progress < 2 * self.interval:
+            if now - self._progress < 2 * self.interval or not self.watching:
                 last_change.clear()
                 continue
             if self.folder is not None and (self.folder / VERDICT).exists() and self._state == RUNNING:
