@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# slurm/ needs submitit (a GPU node's bare interpreter may lack it): skipped there, so `pytest -m gpu` collects.
+pytest.importorskip("submitit", reason="the slurm package needs submitit (pip install submitit)")
+
 from slurm.preemption import Cluster, Partition, RunTimes, mode_of, parse_config, parse_partitions, plan
 from slurm.recovery import decide, run_notes
 from training.config import load_config

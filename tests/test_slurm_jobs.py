@@ -28,6 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# A GPU node's bare interpreter has no submitit: this module is skipped there, so `pytest -m gpu` collects.
+submitit = pytest.importorskip("submitit", reason="the Slurm tests need submitit (pip install submitit)")
+
 from pipeline.synthetic import SyntheticSpec, make_synthetic
 from slurm.sbatch import check_job_config, parse_time, sbatch_parameters
 from senet.cli import main
@@ -36,8 +39,6 @@ from training.metrics import read_metrics
 from tests.helpers import ROOT as REPO, flip_a_bit, sacct_states, slurm, start_cluster, wait_until
 from training.checkpoint_manifest import read_manifest
 
-# A GPU node's bare interpreter has no submitit: this module is skipped there, so `pytest -m gpu` collects.
-submitit = pytest.importorskip("submitit", reason="the Slurm tests need submitit (pip install submitit)")
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 4  # 2 nodes x 2 tasks
