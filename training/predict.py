@@ -27,6 +27,7 @@ import torch
 
 from pipeline.datasets import ImageIndex, list_images
 from pipeline.devkit import Devkit
+from pipeline.input_spec import EvalInput
 from pipeline.errors import DataError
 from training import dist as distmod
 from training.checkpoint import CheckpointError, load_checkpoint
@@ -137,10 +138,12 @@ def score_shard(model: torch.nn.Module, loader: Any, cfg: Config, place: Placeme
     return np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64), full
 
 
-def predict_placement(cfg: Config, device: str) -> Placement:
-    """This predict rank's placement: the checkpoint's training placement (threads, Python workers, precision)
-    on `device`."""
-    return place_run(replace(cfg, train=replace(cfg.train, device=device)))
+def predict_input(cfg: Config, device: str, *, batch_size: int | None = None, crop_size: int | None = None,
+                  ten_crop: bool = False) -> tuple[EvalInput, Placement]:
+    """This predict rank's eval spec and placement: the checkpoint's validation input and training placement
+    (threads, Python workers, precision) on `device`, with predict's own batch size, test size and ten crops."""
+    place = place_run(replace(cfg, train=replace(cfg.train, device=device)))
+    return eval_input(cfg, place, batch_size=batch_size, crop_size=crop_size, ten_crop=ten_crop), place
 
 
 def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, device: str, *, ten_crop: bool,
@@ -173,8 +176,7 @@ def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, device: 
         chosen, kind = checkpoint_weights(state, weights)
     except ValueError as e:
         raise CheckpointError(f"{checkpoint}: --weights {weights}: {e}") from None
-    place = predict_placement(cfg, device)
-    spec = eval_input(cfg, place, batch_size=batch_size, crop_size=crop_size, ten_crop=ten_crop)
+    spec, place = predict_input(cfg, device, batch_size=batch_size, crop_size=crop_size, ten_crop=ten_crop)
     # The engine's process settings: its threads (same kernels, same sums) and, on a GPU, cudnn's autotuning
     # (every batch but the last has one shape: the fastest kernels are found once).
     configure_process(place)
