@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from senet.console import UsageError, add_exclusion_options, add_set_options, config_overrides, write_json
 from training.config import Config, DataConfig, load_config
-from training.placement import Placement, place_run
 from training.ranks import DistInfo
 
 if TYPE_CHECKING:
     from pipeline.bench import BenchSpec
     from pipeline.input_spec import TrainInput
     from pipeline.tune import TuneResult
+    from training.placement import Placement
 
 STAGE_BATCHES, TUNE_BATCHES = 100, 20  # timed batches of a stage; of one tuning run (a search makes dozens)
 
@@ -65,6 +65,7 @@ def bench_spec(args: argparse.Namespace, tune: bool = False) -> tuple[BenchSpec,
     to measure it at (--crop-size, else every size of the config's schedule), and the placement."""
     from pipeline.bench import BenchSpec
     from training.inputs import crop_schedule, train_input
+    from training.placement import place_run
 
     cfg = bench_config(args, tune)
     here = place_run(cfg, DistInfo())  # one process, whatever launched it
@@ -199,6 +200,7 @@ def preview_spec(args: argparse.Namespace) -> TrainInput:
     with the grid's batch, float32 NHWC tiles, no Python workers, and --crop-size when given."""
     from pipeline.input_spec import CropSchedule
     from training.inputs import train_input
+    from training.placement import place_run
 
     items = [*config_overrides(args), "train.device=cpu"] + ([f"train.seed={args.seed}"] if args.seed is not None else [])
     cfg = load_config(args.config, items)
