@@ -5,7 +5,8 @@
 
 Data: `senet make-synthetic`'s learnable classes (default 6 x 100 training and 6 x 20 validation
 images of 200-500 px, made once under --out), or any ILSVRC-layout tree with val/ and its devkit
-(--data). Each run is `senet train` as a user runs it (one process, CPU), of one base recipe — the
+(--data). Each run is `senet train` as a user runs it (one process on a 1-CPU share, `--cpus`), of one
+base recipe — the
 demo's (se_resnext_tiny, class-aware sampling, flip + rotation + colour jitter, label smoothing 0.1,
 warm-up + cosine, batch 16) at a final crop of 64 px, validated at 64 px after every epoch — and:
 
@@ -64,7 +65,10 @@ def run_recipe(name: str, seed: int, args: argparse.Namespace, data: Path, class
     command = [sys.executable, "-m", "senet", "train", str(out / "base.yaml"), "--out", str(folder), "--resume", "none",
                *[a for s in sets for a in ("--set", s)]]
     started, cpu = time.monotonic(), _children_cpu_s()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # A 1-CPU share (one torch thread): on a shared machine, two torch threads wait for each other at OpenMP
+    # barriers whenever another process holds a core, which multiplied epoch times by up to 15 in a trial.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_CPUS_PER_TASK": str(args.cpus)}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     wall, cpu = time.monotonic() - started, _children_cpu_s() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -128,6 +132,7 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--cpus", type=int, default=1, help="each run's CPU share (SLURM_CPUS_PER_TASK; torch threads)")
     p.add_argument("--out", default="/tmp/senet-bench-tta")
     p.add_argument("--json")
     args = p.parse_args()
@@ -159,7 +164,7 @@ def main() -> None:
     print(f"Machine: {result['machine']}; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in before)} before, "
           f"{'/'.join(f'{v:.1f}' for v in after)} after; {result['seconds'] / 60:.0f} min in all.")
     print(f"Target: {TARGET:.0%} of the fixed recipe's mean final top-1 = {target:.3f}; {args.epochs} epochs, "
-          f"{args.seeds} seeds, {classes} classes.")
+          f"{args.seeds} seeds, {classes} classes; each run on a {args.cpus}-CPU share.")
     print()
     print("\n".join(table(runs, target)))
 

@@ -18,6 +18,11 @@ draw are functions of (seed, epoch, global position); any other randomness in a 
 reseeded from (seed, step, rank) before the step. So a checkpoint needs only state_dicts and
 counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU.
 
+Per epoch: the training crop size is the loader's spec's for that epoch (progressive resizing,
+`training.inputs`), logged as the epoch starts and written to the epoch's metrics row; with a weight
+EMA (`training.ema`) every step folds the weights into it and every validation scores it beside the
+raw weights; best.pt keeps the better of the two and says whose it is.
+
 Checkpoints are taken at step boundaries with all ranks in step: every `train.checkpoint_every` steps,
 at each epoch end (after validation, so best.pt can be chosen), and when a `RunControl` asks (a signal
 handler on ANY rank may ask; the ranks agree with one tiny all-reduce every `control.check_every`
