@@ -96,6 +96,8 @@ def time_steps(r: Run, batches: Iterator[Any], count: int, warmup: int, layout: 
         waits.append(time.perf_counter() - t0)
         images, labels = prepare_batch(*batch, r.precision, layout)
         train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)
+        if r.ema is not None:  # a weight EMA's update is part of a training step's time
+            r.ema.update(n + 1)
     sync()
     return (time.perf_counter() - start) / count, waits
 
