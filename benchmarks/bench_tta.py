@@ -1,7 +1,8 @@
 """Time to accuracy on a CPU-sized data set: the fixed recipe vs progressive resizing vs progressive + weight EMA.
 
     python benchmarks/bench_tta.py [--data ROOT] [--seeds 3] [--epochs 12] [--classes 16] [--per-class 50]
-                                   [--out DIR] [--json F]
+                                   [--cpus 1] [--out DIR] [--json F]
+    python benchmarks/bench_tta.py --report F.json          # the tables again, from a saved --json
 
 Data: `senet make-synthetic`'s learnable classes (default 16 x 50 training and 16 x 20 validation
 images of 200-500 px, made once under --out: 6 classes x 100 reached 1.000 top-1 by epoch 8 in a trial,
@@ -21,8 +22,10 @@ machine fall on all recipes alike. Time is the training time of the epochs (`epo
 metrics.jsonl: steps, input waits included; validation and process start excluded), split into the
 time the training loop waited for data (`data_wait_s`, "input") and the rest ("compute"). The target
 is 95 % of the fixed recipe's mean final top-1; a run's time to it is the training time up to the
-end of the first epoch whose validation reaches it. Reported per recipe: median and spread (min-max)
-of the final top-1 and of the time to the target over the seeds. No threshold: the table is the result.
+end of the first epoch whose validation reaches it; the epochs to it, and the pixels trained on until
+then in epochs at the final size (sum of (size / 64)^2), are the same measure free of the machine's
+load. Reported per recipe: median and spread (min-max) over the seeds. No threshold: the table is the
+result.
 """
 from __future__ import annotations
 
@@ -86,14 +89,22 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def first_epoch(run: dict[str, Any], target: float) -> int | None:
+    """The first epoch (from 0) whose validation reaches `target`; None if none does."""
+    return next((e for e, top1 in enumerate(run["top1"]) if top1 >= target), None)
+
+
 def time_to(run: dict[str, Any], target: float) -> float | None:
     """Training seconds up to the end of the first epoch whose validation reaches `target`; None if none does."""
-    spent = 0.0
-    for seconds, top1 in zip(run["epoch_s"], run["top1"]):
-        spent += seconds
-        if top1 >= target:
-            return spent
-    return None
+    epoch = first_epoch(run, target)
+    return None if epoch is None else sum(run["epoch_s"][:epoch + 1])
+
+
+def work_to(run: dict[str, Any], target: float, final: int) -> float | None:
+    """The pixels trained on up to that epoch, in epochs at the final size (sum of (size / final)^2): the
+    compute to the target, which the machine's load does not move."""
+    epoch = first_epoch(run, target)
+    return None if epoch is None else sum((s / final) ** 2 for s in run["sizes"][:epoch + 1])
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -102,28 +113,56 @@ def spread(values: list[float], fmt: str) -> str:
 
 
 def table(runs: list[dict[str, Any]], target: float) -> list[str]:
-    lines = ["| recipe | crop side per epoch | final top-1, median (min-max) | time to target, s, median (min-max) | "
-             "runs reaching it | training time, s | of which input (waiting for data) | compute | CPU s per run "
-             "(all of it) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    fixed_time = None
+    """The result: per recipe, medians and spreads over the seeds."""
+    final = max(runs[0]["sizes"])
+    lines = ["| recipe | crop side per epoch | final top-1, median (min-max) | epochs to target | work to target, "
+             f"{final}-px epochs | time to target, s | training time, s | of which input (waiting for data) | "
+             "compute | CPU s per run (all of it) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    fixed: dict[str, float] = {}
     for name in RECIPES:
         mine = [r for r in runs if r["recipe"] == name]
-        times = [t for t in (time_to(r, target) for r in mine) if t is not None]
+        reached = [r for r in mine if first_epoch(r, target) is not None]
+        epochs = [first_epoch(r, target) + 1 for r in reached]
+        work = [work_to(r, target, final) for r in reached]
+        times = [time_to(r, target) for r in reached]
         total = [sum(r["epoch_s"]) for r in mine]
         wait = [sum(r["data_wait_s"]) for r in mine]
         sizes = mine[0]["sizes"]
-        shown = ", ".join(f"{s}x{sizes.count(s)}" for s in dict.fromkeys(sizes))
-        reach = spread(times, ".1f") if times else "not reached"
-        if name == "fixed" and times:
-            fixed_time = statistics.median(times)
-        ratio = f" ({statistics.median(times) / fixed_time:.2f}x fixed)" if times and fixed_time and name != "fixed" else ""
-        lines.append(f"| {name} | {shown} | {spread([r['top1'][-1] for r in mine], '.3f')} | {reach}{ratio} | "
-                     f"{len(times)}/{len(mine)} | {spread(total, '.1f')} | {statistics.median(wait):.1f} "
-                     f"({statistics.median(w / t for w, t in zip(wait, total)):.0%}) | "
-                     f"{statistics.median(t - w for t, w in zip(total, wait)):.1f} | "
-                     f"{statistics.median(r['cpu_s'] for r in mine):.0f} |")
+        shown = ", ".join(f"{s} x {sizes.count(s)}" for s in dict.fromkeys(sizes))
+        if name == "fixed" and reached:
+            fixed = {"work": statistics.median(work), "time": statistics.median(times)}
+
+        def versus(values: list[float], key: str) -> str:
+            return f" ({statistics.median(values) / fixed[key]:.2f}x)" if fixed and name != "fixed" else ""
+
+        got = f"{len(reached)}/{len(mine)}: " if len(reached) < len(mine) else ""
+        lines.append(
+            f"| {name} | {shown} | {spread([r['top1'][-1] for r in mine], '.3f')} | "
+            + (f"{got}{spread(epochs, 'd')} | {spread(work, '.2f')}{versus(work, 'work')} | "
+               f"{spread(times, '.1f')}{versus(times, 'time')} | " if reached else "not reached | - | - | ")
+            + f"{spread(total, '.1f')} | {statistics.median(wait):.1f} "
+            f"({statistics.median(w / t for w, t in zip(wait, total)):.0%}) | "
+            f"{statistics.median(t - w for t, w in zip(total, wait)):.1f} | {statistics.median(r['cpu_s'] for r in mine):.0f} |")
     return lines
+
+
+def report(result: dict[str, Any]) -> str:
+    """The Markdown section: machine and load, target, the table, and each recipe's median top-1 per epoch."""
+    runs, target = result["runs"], result["target"]
+    lines = [f"Machine: {result['machine']}; load average (1/5/15 min) "
+             f"{'/'.join(f'{v:.1f}' for v in result['load_before'])} before, "
+             f"{'/'.join(f'{v:.1f}' for v in result['load_after'])} after; {result['seconds'] / 60:.0f} min in all.",
+             f"Data: {result['data']} ({result['classes']} classes); {result['epochs']} epochs; "
+             f"{len(runs) // len(RECIPES)} seeds; each run on a {result.get('cpus', 1)}-CPU share. Target: "
+             f"{TARGET:.0%} of the fixed recipe's mean final top-1 = {target:.3f}.", "", *table(runs, target), "",
+             "Median top-1 after each epoch (the recipe's weights; the EMA's for progressive_ema):", "",
+             "| recipe | " + " | ".join(str(e + 1) for e in range(result["epochs"])) + " |",
+             "| --- |" + " ---: |" * result["epochs"]]
+    for name in RECIPES:
+        mine = [r["top1"] for r in runs if r["recipe"] == name]
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.median(v):.3f}" for v in zip(*mine)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -158,17 +197,15 @@ def main() -> None:
     target = TARGET * statistics.mean(r["top1"][-1] for r in runs if r["recipe"] == "fixed")
     result = {"machine": f"{cpu_model()}, {os.cpu_count()} CPUs visible", "load_before": before, "load_after": after,
               "seconds": time.monotonic() - started, "data": str(data), "classes": classes, "epochs": args.epochs,
-              "target": target, "runs": runs}
+              "cpus": args.cpus, "target": target, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print()
-    print(f"Machine: {result['machine']}; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in before)} before, "
-          f"{'/'.join(f'{v:.1f}' for v in after)} after; {result['seconds'] / 60:.0f} min in all.")
-    print(f"Target: {TARGET:.0%} of the fixed recipe's mean final top-1 = {target:.3f}; {args.epochs} epochs, "
-          f"{args.seeds} seeds, {classes} classes; each run on a {args.cpus}-CPU share.")
-    print()
-    print("\n".join(table(runs, target)))
+    print(report(result))
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":  # the table again, from a saved --json
+        print(report(json.loads(Path(sys.argv[2]).read_text())))
+    else:
+        main()

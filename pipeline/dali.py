@@ -9,7 +9,12 @@ slices that row into per-sample arguments and only executes them:
 
     bytes -> decode only the needed region (image_slice) -> [antialiased resize, only for the few
     samples the warp would shrink by > 2x] -> ONE warp_affine (crop + scale + rotate + flip) to
-    float HWC;  per sample also the colour matrix [M | t0 | v] (3 x 5) and the label
+    float HWC of the sample's output size;  per sample also the colour matrix [M | t0 | v] (3 x 5)
+    and the label
+
+Everything the source and the graph need to know comes from one spec (`pipeline.input_spec`): the
+output size of an epoch (`TrainInput.crop_size`) is drawn into each sample's row beside its warp
+matrix, so a size that changes per epoch (progressive resizing) needs no other graph.
 
 and the loader applies brightness, contrast, saturation, hue, the normalisation, the layout and the
 dtype as ONE batched matrix product after the iterator (pipeline.loader.apply_colour). On the GPU the

@@ -142,6 +142,13 @@ def test_sigkill_after_a_size_change_then_resume_auto_equals_the_uninterrupted_r
     assert all("val_top1_ema" in r for r in epochs)
     epoch = killed_at // 10  # the log counts epochs from 1
     assert f"epoch {epoch + 1}: training crops of {[32, 48, 64][epoch]} px" in text  # the resumed epoch's own size
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        board = EventAccumulator(str(part))
+        board.Reload()
+        assert [e.value for e in board.Scalars("train/crop_size")] == [32, 48, 64]
+        assert [e.step for e in board.Scalars("val/top1_ema")] == [10, 20, 30]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
