@@ -57,7 +57,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def resubmit(args: argparse.Namespace) -> int:
-    """`senet submit --resume RUN_DIR`: the run folder's config and code, a new job resuming from its last.pt."""
+    """`senet submit --resume RUN_DIR`: the run folder's config and code, a new job resuming from its newest
+    checkpoint that verifies."""
     from slurm.client import SubmitError
     from slurm.job_folder import RunFolderError
     from slurm.submit import resubmit as resubmit_run
@@ -73,13 +74,17 @@ def resubmit(args: argparse.Namespace) -> int:
     try:
         if not args.no_preflight and (run_dir / CONFIG).is_file():
             preflight(load_config(run_dir / CONFIG), NOT_HERE)
-        job, step = resubmit_run(run_dir, command=sys.argv)
+        job, found = resubmit_run(run_dir, command=sys.argv)
     except RunFolderError as e:
         raise UsageError(str(e)) from None
     except SubmitError as e:
         raise Failure(str(e)) from None
+    step = found.candidate.step
     write_json(args.json, {"job_id": job.job_id, "run_dir": str(job.run_dir), "resumed_from_step": step})
-    print(f"submitted job {job.job_id}: continues {job.run_dir} from step {step} (its checkpoints/last.pt)")
+    if found.note:
+        print(found.note)
+    print(f"submitted job {job.job_id}: continues {job.run_dir} from step {step} "
+          f"(checkpoints/{found.candidate.path.name})")
     print(f"follow it:  senet logs {job.job_id} --follow")
     return 0
 
@@ -201,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qos", metavar="Q", help="Slurm QOS (slurm.qos)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run of this run folder (its job has ended) from "
-                   "its last.pt, with its own config and code")
+                   "its newest checkpoint that verifies, with its own config and code")
     p.add_argument("--no-preflight", action="store_true", help="skip the checks of data.root, the model and the "
                    "class count on this host (for data that only the compute nodes see)")
     p.add_argument("--json", metavar="F", help="write {job_id, run_dir} as JSON")

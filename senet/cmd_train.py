@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_here(cfg: Config, out: Path, resume: str) -> int:
     """Run this process as one rank (from the environment) and print the summary on rank 0."""
-    from training.checkpoint import CheckpointError
+    from training.checkpoint import CheckpointError, ResumeError
     from training.control import RunControl
     from training.engine import NonFiniteLoss, run
     from training.placement import place_run
@@ -64,6 +64,10 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: control.request_checkpoint(stop=True))
     try:
         summary = run(cfg, place, out, resume=None if resume == "none" else resume, control=control)
+    except ResumeError as e:  # checkpoints exist but none verifies: never a silent fresh start
+        if not dist.is_main:
+            return 2
+        raise UsageError(str(e)) from None
     except (NonFiniteLoss, CheckpointError) as e:
         if not dist.is_main:
             return 1  # every rank knows; rank 0 says it once
@@ -122,7 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/<config name>)")
     p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
     p.add_argument("--resume", default="auto", metavar="auto|PATH|none",
-                   help="auto: continue from OUT/checkpoints/last.pt when present; PATH: that checkpoint; none: start fresh")
+                   help="auto: continue from the newest checkpoint in OUT/checkpoints that verifies (exit 2 when "
+                        "some exist but none does); PATH: that checkpoint; none: start fresh")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench-train", help="step time with real DALI batches vs a synthetic resident batch, and "

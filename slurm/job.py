@@ -1,7 +1,9 @@
 """The Slurm job: a checkpointable callable that runs `training.engine.run` as one task (one rank).
 
 It pickles only its config and two folders and resumes from disk: a requeued job is
-the same `TrainJob`, and `run(resume="auto")` continues from RUN/checkpoints/last.pt.
+the same `TrainJob`, and `run(resume="auto")` continues from the newest checkpoint in RUN/checkpoints that
+verifies (the log says in one line which newer one was damaged, if any). When checkpoints exist but none
+verifies, or one cannot be written, the task ends with one line in the log and exit status 2 or 1.
 
 Signals. Slurm warns a job with USR2 (`--signal=USR2@delay` before
 the time limit, and at preemption with `preempt_send_user_signal`), then sends SIGTERM (at the limit,
@@ -12,8 +14,8 @@ periodic checkpoint. So each task replaces that handler while it runs:
 
 1. USR2 (any rank) and SIGTERM only set flags: `RunControl.request_checkpoint(stop=True)`. Handlers that
    only set flags are safe whatever the main thread is doing (NCCL included; USR1 is NCCL's, not ours).
-2. The engine's ranks agree on the request every `CHECK_EVERY` steps, all write last.pt at the same step
-   boundary, and call `on_checkpoint_saved` on every rank once it is on disk.
+2. The engine's ranks agree on the request every `CHECK_EVERY` steps, checkpoint at the same step boundary,
+   wait until rank 0's (background) write has landed, and call `on_checkpoint_saved` on every rank.
 3. There the ranks agree whether anyone saw USR2. If so, rank 0 hands over to submitit's saved handler,
    which does what it always does (pickle the DelayedSubmission, `scontrol requeue`, exit); the others
    leave without a result. The requeue happens after the checkpoint, never before.
@@ -40,6 +42,7 @@ from typing import Any, Callable
 import submitit
 import torch
 
+from training.checkpoint import CheckpointError, ResumeError
 from training.config import Config
 from training.ranks import DistInfo
 from training.control import RunControl
@@ -80,7 +83,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             log.info("job %s, attempt %s: %d ranks on %s, run folder %s, code from %s", os.environ.get("SLURM_JOB_ID"),
                      int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1, dist.world_size,
                      os.environ.get("SLURM_JOB_NODELIST"), self.run_dir, Path(__file__).resolve().parents[1])
-        summary = run(self.cfg, place_run(self.cfg, dist), self.run_dir, resume="auto", control=control)
+        try:
+            summary = run(self.cfg, place_run(self.cfg, dist), self.run_dir, resume="auto", control=control)
+        except CheckpointError as e:  # no checkpoint verifies, or one cannot be written: one line, no traceback
+            if dist.is_main:
+                log.error("%s", e)
+            raise SystemExit(2 if isinstance(e, ResumeError) else 1) from None
         if summary["stopped"]:
             control.leave()
         return summary

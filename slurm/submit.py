@@ -19,9 +19,10 @@ from slurm.job import TrainJob
 from slurm.job_folder import LOGS, RunFolderError, log_paths, now, prepare_run_dir, read_job_file, write_job_file
 from slurm.queue import ACTIVE, job_state
 from slurm.sbatch import check_job_config, sbatch_parameters, tasks_per_node
-from training.checkpoint import CheckpointError, peek_checkpoint
+from training.checkpoint import CheckpointError
+from training.checkpoint_folder import Found, newest_usable, verify_candidate
 from training.config import Config, load_config
-from training.run_folder import CHECKPOINTS, CONFIG, LAST
+from training.run_folder import CHECKPOINTS, CONFIG
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,18 @@ def submit(cfg: Config, config_path: str | Path, root: Path, command: list[str] 
     return Submitted(job_id, run_dir)
 
 
-def resubmit(run_dir: Path, command: list[str] | None = None) -> tuple[Submitted, int]:
+def resubmit(run_dir: Path, command: list[str] | None = None) -> tuple[Submitted, Found]:
     """Continue a run whose job has ended (time limit after its last requeue, cancelled, node failure).
 
     The new job is the old one again: the run folder's resolved config and code snapshot, the same
-    working folder, and `run(resume="auto")` from its last.pt, exactly as a requeue would; its logs and
-    metrics go to the same run folder, and job.json lists every job of the run.
+    working folder, and `run(resume="auto")` from its newest checkpoint that verifies, exactly as a requeue
+    would; its logs and metrics go to the same run folder, and job.json lists every job of the run. The
+    checkpoints are verified here first (each read once, streamed), so that the job is not queued for
+    a run it cannot continue.
 
     Returns:
-        The new job and the step it will resume from.
+        The new job, and the checkpoint it will resume from (`.candidate.step`; `.note`: the one line about
+        newer checkpoints that did not verify, if any).
 
     Raises:
         RunFolderError: not a run folder of `senet submit`, no usable checkpoint, or a job still queued or
@@ -84,12 +88,14 @@ def resubmit(run_dir: Path, command: list[str] | None = None) -> tuple[Submitted
     if state in ACTIVE:
         raise RunFolderError(f"{run_dir}: its job {info['job_id']} is still {state}; it resumes by itself (or "
                              f"`senet cancel {info['job_id']}` first)")
-    last = run_dir / CHECKPOINTS / LAST
     try:
-        step = int(peek_checkpoint(last)["step"])
+        found = newest_usable(run_dir / CHECKPOINTS, verify_candidate)
     except CheckpointError as e:
-        raise RunFolderError(f"{run_dir}: no usable checkpoint to resume from ({e}); submit the config as a new run") \
-            from None
+        raise RunFolderError(str(e)) from None
+    if found is None:
+        raise RunFolderError(f"{run_dir}: no usable checkpoint to resume from (none in {run_dir / CHECKPOINTS}); "
+                             f"submit the config as a new run")
+    step = found.candidate.step
     cfg = load_config(run_dir / CONFIG)
     check_job_config(cfg)
     _need_sbatch()
@@ -97,7 +103,7 @@ def resubmit(run_dir: Path, command: list[str] | None = None) -> tuple[Submitted
     info.update({"job_id": job_id, "jobs": [*info.get("jobs", [info["job_id"]]), job_id], "resubmitted": now(),
                  "resumed_from_step": step, "resubmit_command": command or []})
     write_job_file(run_dir, info)
-    return Submitted(job_id, run_dir), step
+    return Submitted(job_id, run_dir), found
 
 
 def _need_sbatch() -> None:

@@ -9,7 +9,9 @@ import pytest
 
 from pipeline.datasets import ImageIndex, index_train
 from pipeline.synthetic import SyntheticSpec, make_synthetic
-from tests.helpers import LEARN_CLASSES, SMALL, planted, train_demo_recipe
+from tests.helpers import (IN_MEMORY, LEARN_CLASSES, SMALL, fit_in_memory, planted, process_settings_kept,
+                           train_demo_recipe)
+from training.config import load_config
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +51,35 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                              "train.ema_decay=0.9")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"data": data, "cache": cache, "run": out, "devkit": data / "ILSVRC2012_devkit_t12", "log": done.stdout}
+
+
+@pytest.fixture
+def in_memory(tmp_path: Path):
+    """`fit(out, resume, control=None, train=None, sets=())` of a small net on resident tensors (no data folder,
+    no DALI: a run takes a second), the base config, and tmp_path."""
+    with process_settings_kept():  # build() sets them for this process; leave the next tests as found
+        yield fit_in_memory, load_config(None, IN_MEMORY), tmp_path
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """`mount(size_bytes)`: a fresh tmpfs of that size under tmp_path (a disk that really fills up); unmounted after.
+
+    Skips, saying why, where mounting is not allowed (it needs root and CAP_SYS_ADMIN).
+    """
+    mounted: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): the full-disk test "
+                        f"needs root with CAP_SYS_ADMIN")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)

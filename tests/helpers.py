@@ -1,29 +1,40 @@
-"""What several test modules share: small data specs, loader and cluster helpers, the demo recipe as a user runs it.
+"""What several test modules share: small data specs, loader and cluster helpers, the demo recipe as a user runs it,
+the engine's loop on resident tensors, and checkpoint damage as disks and copies do it.
 
 Plain functions and constants, imported as `from tests.helpers import ...`; fixtures live in conftest.py.
 Nothing here imports submitit, so every module that uses it collects in a bare interpreter.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, Sequence
 
 import pytest
-
-from dataclasses import fields
+import torch
+from torch import nn
 
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import ImageIndex, index_train
 from pipeline.input_spec import CropSchedule, EvalInput, Runtime, TrainInput
-from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.loader import EvalLoader, ResidentLoader, TrainLoader
 from pipeline.synthetic import SyntheticSpec
+from training.build import Data, build
+from training.config import Config, load_config
 from training.control import RunControl
+from training.engine import fit
+from training.placement import place_run
+from training.ranks import DistInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,6 +114,100 @@ def tree_with_a_broken_file(tree: Path, dest: Path, damage: Callable[[bytes], by
     (dest / victim).unlink()
     (dest / victim).write_bytes(damage(data))
     return ImageIndex(dest, index.files, index.labels, index.classes), victim
+
+
+# ------------------------------------------------------- the whole loop in one process, built from parts
+N_TRAIN, N_VAL, BATCH = 96, 24, 8  # 12 steps per epoch
+# 3 epochs of 12 steps, checkpoints every 5 steps and at each epoch end: 5, 10, 12, 15, 20, 24, 25, 30, 35, 36
+IN_MEMORY = ("model.num_classes=3", "train.device=cpu", "train.epochs=3", f"train.batch_size={BATCH}",
+             "train.log_every=4", "train.checkpoint_every=5", "optim.lr=0.1", "optim.reference_batch=8",
+             "optim.warmup_epochs=1")
+
+
+def tensors(n: int, seed: int, poisoned_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable 3-class set: images shifted by their label; optionally one batch of NaN images."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.randn(n, 3, 16, 16, generator=g) + labels[:, None, None, None].float()
+    if poisoned_batch is not None:
+        images[poisoned_batch * BATCH:(poisoned_batch + 1) * BATCH] = float("nan")
+    return images, labels
+
+
+class SignalAt(ResidentLoader):
+    """Training batches that ask `control` for a checkpoint and a stop while batch `at` is taken (overall
+    count), as a signal handler would during that step."""
+
+    def __init__(self, control: RunControl, at: int, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.control, self.at, self.taken = control, at, 0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.taken += 1
+            if self.taken == self.at:
+                self.control.request_checkpoint(stop=True)
+            yield batch
+
+
+def small_model(cfg: Config, ballast_mb: int = 0) -> nn.Module:
+    """A small conv net; `ballast_mb` adds a constant buffer of that size, so that a checkpoint takes a while to write."""
+    torch.manual_seed(cfg.train.seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    if ballast_mb:
+        model.register_buffer("ballast", torch.randn(ballast_mb << 18))  # 4-byte floats
+    return model
+
+
+@contextlib.contextmanager
+def process_settings_kept() -> Iterator[None]:
+    """Undo what `training.build` sets for the whole process (threads, deterministic algorithms) afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+
+
+def fit_in_memory(out: Path, resume: str | None, control: RunControl | None = None, train: Any = None,
+                  sets: Sequence[str] = (), ballast_mb: int = 0, model: nn.Module | None = None) -> dict:
+    """`training.engine.fit` of the IN_MEMORY config (plus `sets`) on resident tensors: no data folder, no DALI;
+    of `model` when given (a test that watches its weights), else a fresh `small_model`."""
+    cfg = load_config(None, [*IN_MEMORY, *sets])
+    train = train or ResidentLoader(*tensors(N_TRAIN, 123), BATCH)
+    val = ResidentLoader(*tensors(N_VAL, 7), BATCH, positions=True)
+    r = build(cfg, place_run(cfg, DistInfo()), out, control=control, data=Data(("a", "b", "c")),
+              loaders=(train, val), model=model or small_model(cfg, ballast_mb))
+    try:
+        return fit(r, resume)
+    finally:
+        r.close()
+
+
+def flip_a_bit(path: Path) -> None:
+    """Flip one bit in the middle of the largest tensor stored in a checkpoint file (torch.load would not notice)."""
+    with zipfile.ZipFile(path) as z:
+        largest = max(z.infolist(), key=lambda i: i.compress_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[largest.header_offset + 26:largest.header_offset + 30])
+    start = largest.header_offset + 30 + name_len + extra_len  # the record's bytes follow its local header
+    data[start + largest.compress_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    """Keep the first half of a file's bytes, as a crash or an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def as_version_1(state: dict) -> dict:
+    """A checkpoint dict as the code before format version 2 wrote it: the same keys less `kind`, format_version 1."""
+    old = {k: v for k, v in state.items() if k != "kind"}
+    old["format_version"] = 1
+    return old
 
 
 class CheckpointRecorder(RunControl):

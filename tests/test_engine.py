@@ -15,17 +15,16 @@ import torch
 from torch import nn
 
 from pipeline.loader import ResidentLoader
+from tests.helpers import BATCH, N_TRAIN, CheckpointRecorder, SignalAt, small_model, tensors
 from training import engine
 from training.build import Data, build
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, unwrap
-from training.config import Config, ConfigError, OptimConfig, load_config
-from tests.helpers import CheckpointRecorder
-from training.control import RunControl
-from training.ranks import DistInfo
-from training.placement import place_run
+from training.config import ConfigError, OptimConfig, load_config
 from training.metrics import MetricsLog, plot_curves, read_metrics
 from training.optim import LRSchedule, build_optimizer, param_groups, real_apex_fused_sgd
+from training.placement import place_run
 from training.precision import resolve_precision
+from training.ranks import DistInfo
 
 
 # --- LR schedule: the paper's recipe -----------------------------------------------------------------
@@ -138,7 +137,7 @@ def test_checkpoint_is_atomic_and_weights_only_loadable(tmp_path: Path) -> None:
     compiled = nn.Module()  # what torch.compile returns holds the model as _orig_mod
     compiled._orig_mod = model
     assert unwrap(compiled) is model and not any(k.startswith(("module.", "_orig_mod.")) for k in unwrap(compiled).state_dict())
-    state = {"format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": {}, "scaler": {},
+    state = {"format_version": FORMAT_VERSION, "kind": "training", "model": model.state_dict(), "optimizer": {}, "scaler": {},
              "scheduler": {"step_count": 3}, "epoch": 1, "step": 3, "loader": {"epoch": 1, "position": 12},
              "classes": ["n1", "n2"], "arch": "x", "num_classes": 2, "config": {"train": {"seed": 0}}}
     path = tmp_path / "checkpoints" / "last.pt"
@@ -148,7 +147,7 @@ def test_checkpoint_is_atomic_and_weights_only_loadable(tmp_path: Path) -> None:
     assert loaded["step"] == 3 and torch.equal(loaded["model"]["0.weight"], model[0].weight)
     assert load_checkpoint(path)["classes"] == ["n1", "n2"]
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="unusable checkpoint: not a whole checkpoint file"):
         load_checkpoint(path)
 
 
@@ -233,68 +232,7 @@ def test_evaluate_counts_top1_and_topk_over_all_images() -> None:
 
 
 # --- the whole loop in one process, built from parts: resident tensors and a small net -----------------
-
-N_TRAIN, N_VAL, BATCH = 96, 24, 8  # 12 steps per epoch
-
-
-def tensors(n: int, seed: int, poisoned_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A learnable 3-class set: images shifted by their label; optionally one batch of NaN images."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    images = torch.randn(n, 3, 16, 16, generator=g) + labels[:, None, None, None].float()
-    if poisoned_batch is not None:
-        images[poisoned_batch * BATCH:(poisoned_batch + 1) * BATCH] = float("nan")
-    return images, labels
-
-
-class SignalAt(ResidentLoader):
-    """Training batches that ask `control` for a checkpoint and a stop while batch `at` is taken (overall
-    count), as a signal handler would during that step."""
-
-    def __init__(self, control: RunControl, at: int, *args, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.control, self.at, self.taken = control, at, 0
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            self.taken += 1
-            if self.taken == self.at:
-                self.control.request_checkpoint(stop=True)
-            yield batch
-
-
-def small_model(cfg: Config) -> nn.Module:
-    torch.manual_seed(cfg.train.seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
-
-
-@pytest.fixture
-def in_memory(tmp_path: Path):
-    """A config and a `fit` of it built from parts (no data folder, no DALI): the loop runs in a second."""
-    overrides = ["model.num_classes=3", "train.device=cpu", "train.epochs=3", f"train.batch_size={BATCH}",
-                 "train.log_every=4", "train.checkpoint_every=5", "optim.lr=0.1", "optim.reference_batch=8",
-                 "optim.warmup_epochs=1"]
-    cfg = load_config(None, overrides)
-    threads = torch.get_num_threads()
-
-    def fit(out: Path, resume: str | None, control: RunControl | None = None, train=None, sets: tuple[str, ...] = (),
-            model: nn.Module | None = None) -> dict:
-        """A run of the config (with `sets` on top) on the resident tensors (or `train`), of `model` (or a new one)."""
-        run_cfg = load_config(None, overrides + list(sets))
-        train = train or ResidentLoader(*tensors(N_TRAIN, 123), BATCH)
-        val = ResidentLoader(*tensors(N_VAL, 7), BATCH, positions=True)
-        r = build(run_cfg, place_run(run_cfg, DistInfo()), out, control=control, data=Data(("a", "b", "c")),
-                  loaders=(train, val), model=model or small_model(run_cfg))
-        try:
-            return engine.fit(r, resume)
-        finally:
-            r.close()
-
-    yield fit, cfg, tmp_path
-    torch.use_deterministic_algorithms(False)  # build() set them for this process; leave the next tests as found
-    torch.set_num_threads(threads)
-
+# (tests/helpers.py: tensors, SignalAt, small_model, fit_in_memory; the `in_memory` fixture in conftest.py)
 
 def test_stop_on_request_then_resume_is_exact_and_metrics_read_as_one_run(in_memory) -> None:
     fit, cfg, tmp = in_memory

@@ -17,6 +17,8 @@ import torch
 from pipeline.datasets import index_train, list_images
 from pipeline.devkit import find_devkit, load_devkit
 from pipeline.synthetic import SyntheticSpec, make_synthetic
+from tests.helpers import as_version_1, flip_a_bit
+from training.checkpoint import load_checkpoint
 from training.metrics import read_metrics
 from training.submission import format_submission, read_submission
 
@@ -129,3 +131,19 @@ def test_a_checkpoint_for_other_classes_is_a_clear_error(trained: dict, tmp_path
     done = senet("predict", str(tmp_path / "missing.pt"), str(other / "test"), "--devkit",
                  str(other / "ILSVRC2012_devkit_t12"), "--out", str(tmp_path / "x.txt"))
     assert done.returncode == 1 and "missing.pt: no such checkpoint" in done.stderr
+
+
+def test_a_version_1_checkpoint_predicts_the_same_and_a_damaged_one_is_one_line(trained: dict, tmp_path: Path) -> None:
+    """best.pt rewritten in the layout of the code before format version 2 (torch.save of the version 1 dict)."""
+    old = tmp_path / "version1.pt"
+    torch.save(as_version_1(load_checkpoint(trained["run"] / "checkpoints" / "best.pt")), old)
+    common = [str(trained["data"] / "test"), "--devkit", str(trained["devkit"]), "--cache-dir", str(trained["cache"])]
+    predict(trained, "test", tmp_path / "now.txt")
+    done = senet("predict", str(old), *common, "--out", str(tmp_path / "then.txt"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "then.txt").read_text() == (tmp_path / "now.txt").read_text()
+
+    flip_a_bit(old)  # no manifest beside it: its zip CRC-32s tell
+    done = senet("predict", str(old), *common, "--out", str(tmp_path / "never.txt"))
+    errors = [line for line in done.stderr.splitlines() if "error" in line or "Traceback" in line]
+    assert done.returncode == 1 and len(errors) == 1 and f"{old}: unusable checkpoint" in errors[0], done.stderr

@@ -3,7 +3,8 @@
 A 2-node x 2-task CPU (gloo) job on make-synthetic data completes and reports through its run folder;
 a job interrupted the way a time limit interrupts it (USR2 via submitit's `_interrupt(timeout=True)`)
 and a job preempted by the `urgent` partition are requeued, resume from the checkpoint written at the
-signal, and end with parameters bit-identical to `senet train --nproc 4` (same world size). The sbatch
+signal, and end with parameters bit-identical to `senet train --nproc 4` (same world size); so does a
+cancelled run continued with `senet submit --resume` after its newest checkpoint was damaged. The sbatch
 script of the paper recipe and sbatch's refusals are checked without running anything.
 
 One uninterrupted reference run serves every comparison; it starts with the module and runs while the
@@ -27,7 +28,8 @@ from slurm.sbatch import check_job_config, parse_time, sbatch_parameters
 from senet.cli import main
 from training.config import ConfigError, load_config
 from training.metrics import read_metrics
-from tests.helpers import sacct_states, slurm, start_cluster, wait_until
+from tests.helpers import flip_a_bit, sacct_states, slurm, start_cluster, wait_until
+from training.checkpoint_manifest import read_manifest
 
 # A GPU node's bare interpreter has no submitit: this module is skipped there, so `pytest -m gpu` collects.
 submitit = pytest.importorskip("submitit", reason="the Slurm tests need submitit (pip install submitit)")
@@ -273,15 +275,22 @@ def test_a_cancelled_run_continues_with_submit_resume_to_the_same_parameters(
     wait_until(lambda: not in_queue(job_id), JOB_TIMEOUT_S, f"job {job_id} leaving the queue")
     stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert 0 < stopped_at < EPOCHS * STEPS_PER_EPOCH
+    # The newest checkpoint is damaged on the shared disk: the run continues from the one before it.
+    manifest, _ = read_manifest(run_dir / "checkpoints")
+    newest, previous = manifest.checkpoints[:2]
+    assert newest.step == stopped_at
+    flip_a_bit(run_dir / "checkpoints" / newest.file)
 
     answer = workspace / "resume.json"
     assert main(["submit", "--resume", str(run_dir), "--json", str(answer)]) == 0
+    said = capsys.readouterr().out
+    assert f"{newest.file} (sha256 differs" in said and f"continuing from step {previous.step}" in said, said
     resumed = json.loads(answer.read_text())
-    assert resumed["run_dir"] == str(run_dir) and resumed["resumed_from_step"] == stopped_at
+    assert resumed["run_dir"] == str(run_dir) and resumed["resumed_from_step"] == previous.step
     wait_for_end(resumed["job_id"], run_dir)
     assert json.loads((run_dir / "job.json").read_text())["jobs"] == [job_id, resumed["job_id"]]
     resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
-    assert resumes == [stopped_at]
+    assert resumes == [previous.step]
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
 
 

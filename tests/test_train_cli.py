@@ -19,9 +19,13 @@ import pytest
 import torch
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
+from models import create_model
 from senet.cli import main
-from tests.helpers import LEARN_EPOCHS
+from tests.helpers import LEARN_EPOCHS, fit_in_memory, flip_a_bit, process_settings_kept, truncate
+from training.checkpoint import load_checkpoint
+from training.checkpoint_folder import checkpoint_name
 from training.metrics import read_metrics
+from training.ranks import DistInfo, free_port
 
 needs_loader = pytest.mark.skipif(importlib.util.find_spec("pipeline.loader") is None
                                   or importlib.util.find_spec("nvidia.dali") is None,
@@ -149,6 +153,66 @@ def test_sigkill_after_a_size_change_then_resume_auto_equals_the_uninterrupted_r
         board.Reload()
         assert [e.value for e in board.Scalars("train/crop_size")] == [32, 48, 64]
         assert [e.step for e in board.Scalars("val/top1_ema")] == [10, 20, 30]
+
+
+def start_ranks(n: int, *args: str) -> list[subprocess.Popen]:
+    """`senet train ARGS` as ranks 0..n-1 of one run, each its own process (as torchrun or Slurm starts them), so
+    that each rank's exit status and output can be checked."""
+    port = free_port()
+    return [senet("train", *args, env={**os.environ, **DistInfo(rank=r, local_rank=r, world_size=n, local_world_size=n,
+                                                                master_port=port).env()}) for r in range(n)]
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+@needs_loader
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_every_rank_exits_alike_and_the_earlier_checkpoint_is_whole(
+        data: Path, config: Path, tmp_path: Path, small_tmpfs) -> None:
+    """The run folder on a tmpfs with room for one checkpoint and a half: the first lands, the second cannot."""
+    model = create_model("se_resnext_tiny", num_classes=CLASSES)
+    checkpoint = 2 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights and momentum
+    out = small_tmpfs(int(1.6 * checkpoint)) / "run"
+    # 2 ranks x 8 = 16 per step, 160 samples per epoch: 10 steps per epoch; checkpoints at steps 2, 4 (no room), ...
+    procs = start_ranks(2, str(config), "--out", str(out), *settings(
+        data, tmp_path, "data.crop_size=32", "data.samples_per_epoch=160", "train.epochs=2", "train.batch_size=8",
+        "train.checkpoint_every=2", "train.log_every=5"))
+    (code0, text0), (code1, text1) = (finish(p, timeout=300) for p in procs)
+    assert (code0, code1) == (1, 1), text0[-3000:] + text1[-3000:]
+    folder = out / "checkpoints"
+    errors = error_lines(text0 + text1)
+    assert len(errors) == 1 and errors[0].startswith("senet train: error: "), errors
+    for words in (str(folder), "no space left on device", "step 4", "needs about", "MB free", "untouched"):
+        assert words in errors[0], (words, errors[0])
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000002.pt", "last.pt", "manifest.json"]  # no temp file
+    assert load_checkpoint(folder / "last.pt")["step"] == 2  # verified against the manifest's sha256
+
+
+@needs_loader
+@pytest.mark.slow
+def test_when_checkpoints_exist_but_none_verifies_every_rank_exits_2_with_one_line(data: Path, config: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The checkpoints come from the engine's loop in this process (a small net: a second); what matters is
+    that none verifies, which the resume finds before it would look at what they hold."""
+    out = tmp_path / "run"
+    with process_settings_kept():
+        fit_in_memory(out, None, sets=["train.epochs=1", "train.checkpoint_every=4"])  # checkpoints at 4, 8 and 12
+    folder = out / "checkpoints"
+    truncate(folder / "ckpt-00000012.pt")
+    flip_a_bit(folder / "ckpt-00000008.pt")
+    truncate(folder / "manifest.json")  # torn too: the files are judged by their own CRC-32s
+    flip_a_bit(folder / "ckpt-00000004.pt")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.is_symlink()}
+
+    (code0, text0), (code1, text1) = (finish(p, timeout=200) for p in start_ranks(
+        2, str(config), "--out", str(out), "--resume", "auto", *settings(data, tmp_path, "data.crop_size=32")))
+    assert (code0, code1) == (2, 2), text0[-3000:] + text1[-3000:]
+    errors = error_lines(text0 + text1)
+    assert len(errors) == 1 and "no checkpoint verifies" in errors[0] and "--resume none" in errors[0], errors
+    assert all(f"{checkpoint_name(step)} (" in errors[0] for step in (4, 8, 12))
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.is_symlink()} == before  # nothing touched
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:

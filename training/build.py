@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from training import dist as distmod
+from training.checkpoint_writer import CheckpointWriter
 from training.config import Config, ConfigError, runs_channels_last
 from training.control import RunControl
 from training.ema import WeightEMA, ema_horizon_note
@@ -32,7 +33,7 @@ from training.metrics import MetricsLog
 from training.optim import LRSchedule, build_optimizer
 from training.placement import Placement, check_node, input_shm_bytes, mean_file_bytes
 from training.precision import Precision
-from training.run_folder import METRICS
+from training.run_folder import CHECKPOINTS, METRICS
 from training.weights import check_init_from
 
 log = logging.getLogger("senet.train")
@@ -58,6 +59,7 @@ class Run:
     log: MetricsLog
     control: RunControl
     group: Any  # host control group for agreements (None = the world group, or a single process)
+    checkpoints: CheckpointWriter  # rank 0 writes; the other ranks' writer does nothing
     ema: WeightEMA | None = None  # the weight EMA (train.ema_decay), None when off
     closers: list[Callable[[], None]] = field(default_factory=list)  # what `build` started, undone by `close`
 
@@ -160,10 +162,14 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
             log.warning("%s", note)
     metrics = MetricsLog(out / METRICS, dist.is_main)
     closers.append(metrics.close)
+    t = cfg.train
+    checkpoints = CheckpointWriter(out / CHECKPOINTS, t.keep_checkpoints, t.background_checkpoints,
+                                   t.checkpoint_every_min, dist.is_main, metrics)
+    closers.append(checkpoints.close)  # closed before the metrics log: a landing write records its row
     return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
                optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
                val_loader=val_loader, classes=tuple(data.classes), log=metrics, control=control, group=group,
-               ema=ema, closers=closers)
+               checkpoints=checkpoints, ema=ema, closers=closers)
 
 
 def preflight(cfg: Config, root_hint: str = "") -> None:

@@ -123,7 +123,16 @@ class TrainConfig:
     init_from: str | None = _key(None, "checkpoint whose weights start a fresh run (a senet run's, or `senet "
                                  "import-weights`'); a resumed run continues from its own instead")
     batch_size: int = _key(32, "images per process (per GPU) and step", min=1)
-    checkpoint_every: int = _key(1000, "write checkpoints/last.pt every this many steps (and at each epoch end)", min=1)
+    checkpoint_every: int = _key(1000, "write a checkpoint (checkpoints/ckpt-<step>.pt, named by last.pt) every this "
+                                 "many steps, and at each epoch end", min=1)
+    checkpoint_every_min: float | None = _key(None, "also write one when this many minutes have passed since the last, "
+                                              "by rank 0's clock (the ranks agree every few steps); null = by steps "
+                                              "only", min=0.0)
+    keep_checkpoints: int = _key(3, "newest checkpoints kept, each verified by the sha256 in checkpoints/manifest.json "
+                                 "(best.pt's is kept besides)", min=1)
+    background_checkpoints: bool = _key(True, "rank 0 writes checkpoints in a background thread from a host copy of "
+                                        "the state (one more copy of it in host memory) while training goes on; "
+                                        "false = the step loop waits for each write")
     seed: int = _key(0, "seed of the sampling order, the augmentation draws and the initial weights", min=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _key("auto", "autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     compile: bool = _key(False, "torch.compile the model")

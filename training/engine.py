@@ -24,9 +24,12 @@ EMA (`training.ema`) every step folds the weights into it and every validation s
 raw weights; best.pt keeps the better of the two and says whose it is.
 
 Checkpoints are taken at step boundaries with all ranks in step: every `train.checkpoint_every` steps,
-at each epoch end (after validation, so best.pt can be chosen), and when a `RunControl` asks (a signal
-handler on ANY rank may ask; the ranks agree with one tiny all-reduce every `control.check_every`
-steps, on a CPU group so a GPU stream is never synchronised for it).
+every `train.checkpoint_every_min` minutes by rank 0's clock, at each epoch end (after validation, so
+best.pt can be chosen), and when a `RunControl` asks (a signal handler on ANY rank may ask; the ranks
+agree with one tiny all-reduce every `control.check_every` steps, on a CPU group so a GPU stream is never
+synchronised for it). Rank 0 writes them in the background (training.checkpoint_writer); a requested stop
+and the end of the run wait until the write has landed. A resume reads the newest checkpoint that
+verifies, once, on rank 0 (training.checkpoint_resume).
 
 No host synchronisation in a step that neither logs nor checkpoints: the loss is accumulated on the
 device (`StepMeter`), the loaders deliver device tensors without waiting, and fp16's loss scaling uses
@@ -47,13 +50,16 @@ from torch import nn
 
 from training import dist as distmod
 from training.build import Run, build, preflight
-from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_copy, atomic_save, load_checkpoint, resume_path
+from training.checkpoint import FORMAT_VERSION, CheckpointError
+from training.checkpoint_folder import continued_manifest
+from training.checkpoint_resume import read_resume
+from training.checkpoint_writer import CheckpointWriter, settle
 from training.config import Config, batch_layout, config_to_dict, dump_yaml
 from training.control import RunControl
 from training.metrics import plot_curves, read_metrics
 from training.placement import Placement
 from training.precision import Precision
-from training.run_folder import BEST, CHECKPOINTS, CONFIG, CURVES, LAST, METRICS
+from training.run_folder import CHECKPOINTS, CONFIG, CURVES, LAST, METRICS
 from training.stall import StallMonitor
 from training.weights import initialize_from
 
@@ -85,7 +91,7 @@ def run(cfg: Config, place: Placement, out_dir: Path, resume: str | None = "auto
         cfg: the resolved configuration.
         place: where this process runs (`training.placement.place_run(cfg)`).
         out_dir: the run folder (checkpoints/, metrics.jsonl, curves.png, config.yaml).
-        resume: "auto" (last.pt when present), a checkpoint path, or None (start fresh).
+        resume: "auto" (the newest checkpoint that verifies, if any), a checkpoint path, or None (start fresh).
         control: checkpoint/stop requests from outside the loop; None = never asked.
 
     Returns:
@@ -95,7 +101,8 @@ def run(cfg: Config, place: Placement, out_dir: Path, resume: str | None = "auto
     Raises:
         ConfigError: inconsistent configuration (e.g. model.num_classes vs the data's classes);
             PlacementError (a ConfigError): the node cannot host this rank as configured.
-        DataError: unreadable data; CheckpointError: unusable checkpoint; NonFiniteLoss.
+        DataError: unreadable data; CheckpointError: unusable checkpoint (ResumeError: none verifies),
+            CheckpointWriteError: a checkpoint could not be written; NonFiniteLoss.
     """
     preflight(cfg)
     r = build(cfg, place, Path(out_dir), control=control)
@@ -107,7 +114,7 @@ def run(cfg: Config, place: Placement, out_dir: Path, resume: str | None = "auto
 
 def fit(r: Run, resume: str | None = "auto") -> dict[str, Any]:
     """Restore (or start fresh), train to `train.epochs` or a requested stop, draw the curves; the summary."""
-    state = restore(r, resume_path(resume, r.out / CHECKPOINTS))
+    state = restore(r, resume)
     write_run_files(r)
     summary = train(r, state)
     if r.place.is_main:
@@ -143,10 +150,8 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         improved = "val_top1" in row and best_of(state.last_val)[0] > state.best_top1
         if improved:
             state.best_top1, state.best_weights = best_of(state.last_val)
-        path = save_checkpoint(r, state)
-        if improved and r.place.is_main:
-            atomic_copy(path, path.with_name(BEST))
-        distmod.barrier(r.group)
+        save_checkpoint(r, state, best=improved)
+    settle(r.checkpoints, r.group)  # the last checkpoint has landed (or every rank fails) before anything is reported
     waited = stalls.overall()
     if r.place.is_main:
         log.info("input: the ranks waited for data %.1f%% of the training time (pipeline starts included)", 100 * waited)
@@ -212,14 +217,16 @@ def train_one_epoch(r: Run, state: TrainState, stalls: StallMonitor | None = Non
                 log.info("epoch %d step %d/%d: loss %.4f lr %.4g %.0f img/s data wait %.0f%%", state.epoch + 1,
                          state.step - state.epoch * steps_per_epoch, steps_per_epoch, row["loss"], lr,
                          row["images_per_s"], 100 * row["data_wait_fraction"])
-        requested = state.step % r.control.check_every == 0 and agree_on_requests(r.control, r.group)
-        periodic = state.step % cfg.checkpoint_every == 0 and state.step != epoch_end  # epoch end: after validation
+        requested = timed = False
+        if state.step % r.control.check_every == 0:
+            requested, timed = agree_on_requests(r.control, r.group, r.checkpoints)
+        periodic = (state.step % cfg.checkpoint_every == 0 or timed) and state.step != epoch_end  # epoch end: after val
         if periodic or requested:
             meter.check_finite(state.step, r.group)
             state.mid_epoch = True  # the loader's position is the truth here, even at the epoch's last step
             path = save_checkpoint(r, state)
-            distmod.barrier(r.group)  # rank 0 has written it: now it is safe to act on it
             if requested:
+                settle(r.checkpoints, r.group)  # on disk before anyone acts on it (a Slurm requeue)
                 stop = r.control.stop_after_checkpoint
                 r.control.checkpoint_requested = False
                 r.control.on_checkpoint_saved(path, state.step)
@@ -339,13 +346,25 @@ class StepMeter:
         self._reset()
 
 
-def agree_on_requests(control: RunControl, group: Any) -> bool:
-    """All ranks learn whether any rank was asked for a checkpoint (and a stop): one MAX all-reduce."""
-    flags = torch.tensor([int(control.checkpoint_requested), int(control.stop_after_checkpoint)], dtype=torch.int32)
+def agree_on_requests(control: RunControl, group: Any, checkpoints: CheckpointWriter | None = None) -> tuple[bool, bool]:
+    """All ranks learn, with one MAX all-reduce: whether any rank was asked for a checkpoint (and a stop), and
+    rank 0's checkpoint news - a timed checkpoint is due by its clock, or its last write failed.
+
+    Returns:
+        (a checkpoint was requested, a timed checkpoint is due).
+
+    Raises:
+        CheckpointWriteError: on every rank, when rank 0 could not write its last checkpoint.
+    """
+    news = (checkpoints.time_due(), checkpoints.failed()) if checkpoints is not None else (False, False)
+    flags = torch.tensor([int(control.checkpoint_requested), int(control.stop_after_checkpoint), *map(int, news)],
+                         dtype=torch.int32)
     distmod.all_reduce(flags, "max", group)
+    if checkpoints is not None and flags[3]:
+        checkpoints.raise_failure()
     control.stop_after_checkpoint = bool(flags[1])
     control.checkpoint_requested = bool(flags[0])
-    return control.checkpoint_requested
+    return control.checkpoint_requested, bool(flags[2])
 
 
 def prepare_batch(images: torch.Tensor, labels: torch.Tensor, precision: Precision,
@@ -382,6 +401,7 @@ def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
     """The checkpoint dict: state_dicts, counters, class list and resolved config."""
     return {
         "format_version": FORMAT_VERSION,
+        "kind": "training",
         "model": r.model.state_dict(),  # unwrapped: no `module.` / `_orig_mod.` prefixes
         "optimizer": r.optimizer.state_dict(),
         "scaler": r.scaler.state_dict(),
@@ -398,27 +418,32 @@ def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
         "best_weights": state.best_weights,  # which weights scored best_top1: "raw" or "ema"
         "last_val": dict(state.last_val),
         "config": config_to_dict(r.cfg),
-        **({"ema": r.ema.state_dict()} if r.ema is not None else {}),  # training.ema: the EMA, one entry
+        "ema": r.ema.state_dict() if r.ema is not None else None,  # training.ema: the weight EMA, one entry
     }
 
 
-def save_checkpoint(r: Run, state: TrainState) -> Path:
-    """last.pt, written by rank 0 (every rank calls this at the same step boundary).
+def save_checkpoint(r: Run, state: TrainState, best: bool = False) -> Path:
+    """Hand this boundary's checkpoint to rank 0's writer (every rank calls this at the same step boundary).
 
-    The write time (fsync included) goes to metrics.jsonl as a `checkpoint` event: a Slurm job's
-    signal delay and GraceTime must cover it.
+    Rank 0 waits for its previous write, copies the state to host memory and goes on; the file (returned)
+    lands in the background. Each landed write goes to metrics.jsonl as a `checkpoint` event with its
+    write time (fsync and read-back included) and the step loop's stall: a Slurm job's signal delay and
+    GraceTime must cover CHECK_EVERY steps, one stall and one write.
     """
-    path = r.out / CHECKPOINTS / LAST
-    if r.place.is_main:
-        start = time.perf_counter()
-        atomic_save(checkpoint_state(r, state), path)
-        r.log.write({"event": "checkpoint", "step": state.step, "write_s": round(time.perf_counter() - start, 4)})
-    return path
+    val = state.best_top1 if best else None  # the better of the raw and the EMA weights' top-1
+    return r.checkpoints.submit(lambda: checkpoint_state(r, state), state.step, state.epoch, best, val)
 
 
-def restore(r: Run, path: Path | None) -> TrainState:
-    """Load `path` into the run's objects (or start fresh); trims metrics.jsonl to the checkpoint's step."""
-    if path is None:
+def restore(r: Run, resume: str | None) -> TrainState:
+    """Load the checkpoint `resume` asks for into the run's objects (or start fresh); trims metrics.jsonl to its step.
+
+    Rank 0 reads and verifies the file and hands its bytes to the other ranks (training.checkpoint_resume).
+    """
+    folder = r.out / CHECKPOINTS
+    resumed = read_resume(resume, folder, r.group, r.place.is_main)
+    if resumed is None:
+        if r.place.is_main:
+            r.checkpoints.start(continued_manifest(folder, None, None, 0))
         if r.place.is_main and r.log.path.is_file():
             r.log.truncate_after(0)  # a fresh run in a used folder: start the log afresh too
         if r.cfg.train.init_from:  # a fresh run only: a resume continues from its own checkpoint
@@ -429,7 +454,7 @@ def restore(r: Run, path: Path | None) -> TrainState:
             if r.place.is_main:
                 log.info("%s", done)
         return TrainState()
-    ckpt = load_checkpoint(path)
+    ckpt, path = resumed.state, resumed.path
     for key, ours in (("arch", r.cfg.model.arch), ("num_classes", r.cfg.model.num_classes), ("classes", list(r.classes))):
         if ckpt[key] != ours:
             shown = "the class list" if key == "classes" else f"{key} {ckpt[key]!r}"
@@ -439,14 +464,17 @@ def restore(r: Run, path: Path | None) -> TrainState:
     r.scaler.load_state_dict(ckpt["scaler"])
     r.schedule.load_state_dict(ckpt["scheduler"])
     restore_ema(r, ckpt, path)
-    state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), mid_epoch=bool(ckpt.get("mid_epoch")),
-                       best_top1=float(ckpt.get("best_top1", -1.0)), best_weights=str(ckpt.get("best_weights", "raw")),
-                       last_val=dict(ckpt.get("last_val", {})))
+    state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), mid_epoch=bool(ckpt["mid_epoch"]),
+                       best_top1=float(ckpt["best_top1"]), best_weights=str(ckpt["best_weights"]),
+                       last_val=dict(ckpt["last_val"]))
     if state.mid_epoch:
         r.train_loader.load_state_dict(ckpt["loader"])
     if r.place.is_main:
+        r.checkpoints.start(continued_manifest(folder, resumed.candidate, resumed.digest, state.epoch))
         r.log.truncate_after(state.step)
         r.log.write({"event": "resume", "step": state.step})
+        if resumed.note:
+            log.warning("%s", resumed.note)
         log.info("resumed from step %d (epoch %d, %s)", state.step, state.epoch + 1, path)
     return state
 

@@ -1,10 +1,11 @@
 """The layout of a run folder, named once: `senet train --out RUN`, a Slurm job's run folder and the tools
 that read them (predict, the demo's report, the Slurm commands) all agree on it.
 
-    RUN/config.given.yaml    the config file as written     RUN/checkpoints/last.pt   every checkpoint_every
-    RUN/config.yaml          resolved (overrides applied)   RUN/checkpoints/best.pt   best val top-1 so far
+    RUN/config.given.yaml    the config file as written     RUN/checkpoints/last.pt   -> the newest checkpoint
+    RUN/config.yaml          resolved (overrides applied)   RUN/checkpoints/best.pt   -> best val top-1 so far
     RUN/metrics.jsonl        one JSON row per log step, validation, resume and checkpoint write
     RUN/curves.png           loss, learning rate and validation accuracy against the step
+    RUN/checkpoints/ckpt-<step>.pt and manifest.json: the kept checkpoints and their sha256 (checkpoint_folder)
 
 A Slurm job adds its own (job.json, logs/, code/: slurm.job_folder).
 """
