@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from senet.console import Failure, UsageError, add_set_options, config_overrides, write_json
-from training.config import load_config
+from training.config import Config, load_config
 
 POLL_S = 0.5  # --follow: how often logs and the job's state are read
 NOT_HERE = " (as this host sees it; --no-preflight submits anyway, for data that only the compute nodes see)"
@@ -40,6 +40,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     if not args.no_preflight:  # what `senet train` would reject in its first second, refused before the queue
         preflight(cfg, NOT_HERE)
+    say_preemption(cfg, None)
     try:
         job = submit(cfg, args.config, root, command=sys.argv)
     except SubmitError as e:
@@ -72,8 +73,11 @@ def resubmit(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume continues a run with the config it holds; drop {', '.join(given)}")
     run_dir = Path(args.resume)
     try:
-        if not args.no_preflight and (run_dir / CONFIG).is_file():
-            preflight(load_config(run_dir / CONFIG), NOT_HERE)
+        if (run_dir / CONFIG).is_file():
+            cfg = load_config(run_dir / CONFIG)
+            if not args.no_preflight:
+                preflight(cfg, NOT_HERE)
+            say_preemption(cfg, run_dir)
         job, found = resubmit_run(run_dir, command=sys.argv)
     except RunFolderError as e:
         raise UsageError(str(e)) from None
@@ -87,6 +91,23 @@ def resubmit(args: argparse.Namespace) -> int:
           f"(checkpoints/{found.candidate.path.name})")
     print(f"follow it:  senet logs {job.job_id} --follow")
     return 0
+
+
+def say_preemption(cfg: Config, run_dir: Path | None) -> None:
+    """One line: how a preemption of this job will be survived (slurm.preemption); exit 2 where nothing can work."""
+    from slurm.client import SlurmError
+    from slurm.preemption import RunTimes, plan, read_partition
+
+    try:
+        partition, cluster = read_partition(cfg.slurm.partition)
+    except SlurmError:
+        return  # sbatch says what is wrong with the partition or the cluster
+    found = plan(partition, cluster, cfg, RunTimes.read(run_dir))
+    if found.fatal:
+        raise UsageError(found.fatal)
+    print(found.line)
+    for warning in found.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_demo_preemption(args: argparse.Namespace) -> int:
@@ -110,12 +131,16 @@ def cmd_demo_preemption(args: argparse.Namespace) -> int:
     verdict = "bit-identical to" if r["identical"] else "DIFFERENT from"
     print(f"final parameters (step {r['steps']['slurm']}) {verdict} the local run's (step {r['steps']['local']}): "
           f"sha256 {r['digests']['slurm'][:16]}... vs {r['digests']['local'][:16]}...")
-    return 0 if r["identical"] else 1
+    if not r["requeued"]:
+        print(f"job {r['job_id']} was NOT preempted and resumed (states {' -> '.join(r['states'])}): the demo "
+              f"showed nothing", file=sys.stderr)
+    return 0 if r["identical"] and r["requeued"] else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from slurm import queue
     from slurm.client import SlurmError
+    from slurm.recovery import run_notes
 
     try:
         jobs = queue.list_jobs()
@@ -124,10 +149,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if not jobs:
         print(f"no senet jobs since {queue.HISTORY}")
         return 0
+    notes: dict[str, str] = {}
+    for run_dir in {j.run_dir for j in jobs}:
+        if Path(run_dir).is_dir():
+            notes.update(run_notes(Path(run_dir)))
     width = max(len(j.job_id) for j in jobs)
     print(f"{'JOB':<{width}}  {'STATE':<11} {'ELAPSED':>10} NODES  RUN FOLDER")
     for j in jobs:
-        print(f"{j.job_id:<{width}}  {j.state:<11} {j.elapsed:>10} {j.nodes:>5}  {j.run_dir}")
+        note = f"  {notes[j.job_id]}" if j.job_id in notes else ""
+        print(f"{j.job_id:<{width}}  {j.state:<11} {j.elapsed:>10} {j.nodes:>5}  {j.run_dir}{note}")
     return 0
 
 
@@ -220,7 +250,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partition", default="debug", help="a preemptible partition (the local cluster's `debug`)")
     p.set_defaults(func=cmd_demo_preemption)
 
-    p = sub.add_parser("jobs", help="this user's senet jobs and their states")
+    p = sub.add_parser("jobs", help="this user's senet jobs, their states and what happened to their runs (a "
+                       "failure and where the run went on, why it stopped, a slow rank)")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("logs", help="a rank's log of a senet job")

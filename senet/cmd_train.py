@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 from senet.console import Failure, UsageError, add_set_options, config_overrides, write_json
@@ -54,6 +55,7 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
     from training.checkpoint import CheckpointError, ResumeError
     from training.control import RunControl
     from training.engine import NonFiniteLoss, run
+    from training.health import RankFailure
     from training.placement import place_run
 
     place = place_run(cfg)
@@ -68,6 +70,10 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
         if not dist.is_main:
             return 2
         raise UsageError(str(e)) from None
+    except RankFailure as e:  # another rank hung, died or failed; the rank that named it logged the line
+        if os.environ.get(WORKER_ENV) or not e.claimed:
+            return 1  # `--nproc`'s launcher says it last
+        raise Failure(str(e)) from None
     except (NonFiniteLoss, CheckpointError) as e:
         if not dist.is_main:
             return 1  # every rank knows; rank 0 says it once
@@ -88,7 +94,12 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
 
 
 def launch_local(args: argparse.Namespace, out: Path) -> int:
-    """Start `--nproc` ranks of this command on this machine and wait for them."""
+    """Start `--nproc` ranks of this command on this machine and wait for them.
+
+    A rank that hung or died cannot say so itself: the rank that named it left a verdict in the run
+    folder, and its line is the launcher's last (exit 1).
+    """
+    from training.health import RUN_ID_ENV, read_verdict, session_folder
     from training.launch import launch_ranks
 
     command = [sys.executable, "-m", "senet", "train", args.config, "--out", str(out), "--resume", args.resume]
@@ -96,7 +107,12 @@ def launch_local(args: argparse.Namespace, out: Path) -> int:
         command += ["--set-file", str(Path(args.set_file).resolve())]
     for item in args.set:
         command += ["--set", item]
-    return launch_ranks(command, args.nproc, {WORKER_ENV: "1"})
+    run_id = uuid.uuid4().hex[:12]
+    code = launch_ranks(command, args.nproc, {WORKER_ENV: "1", RUN_ID_ENV: run_id})
+    verdict = read_verdict(session_folder(out, run_id)) if code else None
+    if verdict is not None and verdict.kind != "error":  # a rank's own exception: that rank said it
+        raise Failure(verdict.message)
+    return code
 
 
 # ---------------------------------------------------------------------------------------- bench-train

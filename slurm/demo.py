@@ -2,10 +2,12 @@
 
 The job runs at the local run's world size (the demo config: 2 nodes x 1 task, against `senet train
 --nproc 2`, one CPU per rank either way). Once it has trained a third of its steps, a job in the
-higher-priority `urgent` partition takes both nodes: Slurm preempts ours with USR2, every rank writes
-a checkpoint at the next agreed step boundary, submitit requeues the job, and the requeued job
-resumes from that checkpoint. When it ends, the digests of its final parameters and the local run's
-must be equal: the promise of exact resume, shown rather than told.
+higher-priority `urgent` partition asks for exactly its nodes (`--nodelist`: the cluster has idle nodes
+besides, which an urgent job would otherwise take): Slurm preempts ours with USR2, every rank writes a
+checkpoint at the next agreed step boundary, submitit requeues the job, and the requeued job resumes
+from that checkpoint. When it ends, the digests of its final parameters and the local run's must be
+equal, and the job must have been requeued and resumed: the promise of exact resume, shown rather than
+told.
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ def preempted_run(cfg: Config, config_path: Path, reference: Path, out: Path, *,
     Writes OUT/slurm.json (job_id, run_dir) as soon as the job is queued and OUT/resume.json at the end.
 
     Returns:
-        resume.json's content: job_id, run_dir, states (one per attempt), requeues, preempted_at (the step
-        the job had logged when the urgent job came), resumed_at (the steps it resumed from), the final
-        steps and parameter digests of both runs, and identical.
+        resume.json's content: job_id, run_dir, nodes, states (one per attempt), requeues, preempted_at (the
+        step the job had logged when the urgent job came), resumed_at (the steps it resumed from), the final
+        steps and parameter digests of both runs, identical, and requeued (preempted and resumed).
 
     Raises:
         slurm.client.SubmitError, SlurmError: Slurm refused or failed; TimeoutError: the job did not end.
@@ -50,20 +52,22 @@ def preempted_run(cfg: Config, config_path: Path, reference: Path, out: Path, *,
         if queue.job_state(job.job_id) not in queue.ACTIVE:
             break  # it ended early: the comparison below says so
         logged = _last_step(job.run_dir)
-    urgent = slurm_command("sbatch", "--parsable", f"--partition={urgent_partition}",
-                                 f"--nodes={cfg.slurm.nodes}", "--exclusive", "--output=/dev/null",
-                                 f"--job-name={URGENT_JOB}", "--wrap", "sleep 1").strip()
+    victim_nodes = slurm_command("squeue", "-h", "-j", job.job_id, "-o", "%N").strip()
+    urgent = slurm_command("sbatch", "--parsable", f"--partition={urgent_partition}", f"--nodes={cfg.slurm.nodes}",
+                           f"--nodelist={victim_nodes}", "--exclusive", "--output=/dev/null",
+                           f"--job-name={URGENT_JOB}", "--wrap", "sleep 1").strip()
     while queue.job_state(job.job_id) in queue.ACTIVE:
         _wait(deadline, f"job {job.job_id} to end")
     states = [s.split()[0] for s in slurm_command("sacct", "-n", "-X", "-P", "--duplicates", "-j", job.job_id,
                                                         "-o", "State").split()]
     resumed = [r["step"] for r in read_metrics(job.run_dir / METRICS) if r.get("event") == "resume"]
     ours, theirs = (load_checkpoint(run / CHECKPOINTS / LAST) for run in (job.run_dir, reference))
-    result = {"job_id": job.job_id, "run_dir": str(job.run_dir), "urgent_job": urgent, "states": states,
-              "requeues": max(0, len(states) - 1), "preempted_at": logged, "resumed_at": resumed,
+    result = {"job_id": job.job_id, "run_dir": str(job.run_dir), "urgent_job": urgent, "nodes": victim_nodes,
+              "states": states, "requeues": max(0, len(states) - 1), "preempted_at": logged, "resumed_at": resumed,
               "steps": {"slurm": ours["step"], "local": theirs["step"]},
               "digests": {"slurm": parameters_digest(ours["model"]), "local": parameters_digest(theirs["model"])}}
     result["identical"] = result["digests"]["slurm"] == result["digests"]["local"] and states[-1:] == ["COMPLETED"]
+    result["requeued"] = result["requeues"] >= 1 and bool(resumed)  # it was preempted and came back
     (out / "resume.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -23,9 +23,17 @@ periodic checkpoint. So each task replaces that handler while it runs:
    (requeue, cancel, time limit); that checkpoint is a bonus: periodic ones (`train.checkpoint_every`)
    are what requeues without a signal (node failure, `scontrol requeue` with a short KillWait) resume from.
 
+4. A preemption that Slurm will not requeue (PreemptMode=CANCEL, or a QOS preemption whose mode cannot be
+   told): after that checkpoint rank 0 submits the run's next job, to start once this one has ended
+   (`slurm.recovery.after_preemption`), and every rank leaves.
+
+A rank that hangs, dies or fails is named by `training.health`; the rank that claims the verdict calls
+`on_rank_failure`, which continues the run in a new job without the suspect node, or stops it for a
+deterministic failure (`slurm.recovery`); every rank then leaves without a traceback of its own.
+
 DALI's Python workers ignore SIGTERM inside a job (pipeline.loader), so a warning never kills the input.
 Budget: `slurm.signal_delay_s` (time limit) and the partition's GraceTime (preemption) must cover
-CHECK_EVERY steps plus one checkpoint write.
+CHECK_EVERY steps plus one checkpoint write (`senet submit` checks: slurm.preemption).
 """
 from __future__ import annotations
 
@@ -42,16 +50,20 @@ from typing import Any, Callable
 import submitit
 import torch
 
-from training.checkpoint import CheckpointError, ResumeError
+from slurm import recovery
+from slurm.client import SubmitError
+from slurm.job_folder import RunFolderError
+from slurm.preemption import CHECK_EVERY, job_preemption
+from training.checkpoint import ResumeError
 from training.config import Config
-from training.ranks import DistInfo
 from training.control import RunControl
 from training.engine import run
+from training.health import RankFailure, Verdict
 from training.placement import place_run
+from training.ranks import DistInfo
 
 log = logging.getLogger("senet.slurm")
 
-CHECK_EVERY = 2  # steps between the ranks' agreements on a pending signal: one tiny CPU all-reduce each
 PORT_RANGE = (20000, 32768)  # rendezvous ports: below Linux's ephemeral range (32768-60999)
 
 
@@ -77,7 +89,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         else:
             log.warning("submission folder %s is not visible here; relative config paths are taken from %s",
                         self.workdir, Path.cwd())
-        control = SlurmControl(dist, check_every=CHECK_EVERY)
+        control = SlurmControl(dist, self, check_every=CHECK_EVERY)
         control.install()
         if dist.is_main:
             log.info("job %s, attempt %s: %d ranks on %s, run folder %s, code from %s", os.environ.get("SLURM_JOB_ID"),
@@ -85,21 +97,30 @@ class TrainJob(submitit.helpers.Checkpointable):
                      os.environ.get("SLURM_JOB_NODELIST"), self.run_dir, Path(__file__).resolve().parents[1])
         try:
             summary = run(self.cfg, place_run(self.cfg, dist), self.run_dir, resume="auto", control=control)
-        except CheckpointError as e:  # no checkpoint verifies, or one cannot be written: one line, no traceback
+        except RankFailure:  # another rank hung, died or failed: named, and acted on, by the rank that claimed it
+            raise SystemExit(1) from None
+        except ResumeError as e:  # before the loop: checkpoints exist but none verifies (every rank raises it)
             if dist.is_main:
                 log.error("%s", e)
-            raise SystemExit(2 if isinstance(e, ResumeError) else 1) from None
+            raise SystemExit(2) from None
+        except Exception as e:
+            if recovery.is_deterministic(type(e)):  # a checkpoint that cannot be written, a NaN loss, bad data...
+                raise SystemExit(1) from None  # said in one line by the rank that claimed it; no traceback
+            raise  # an unexpected exception: its traceback belongs in the log (the run already went on, or stopped)
         if summary["stopped"]:
             control.leave()
         return summary
 
 
 class SlurmControl(RunControl):
-    """RunControl for a Slurm task: USR2 and SIGTERM ask for a checkpoint and a stop; USR2 then requeues."""
+    """RunControl for a Slurm task: USR2 and SIGTERM ask for a checkpoint and a stop; USR2 then requeues, a
+    preemption Slurm will not requeue submits the run's next job, and a rank's failure continues the run
+    elsewhere (`slurm.recovery`)."""
 
-    def __init__(self, dist: DistInfo, check_every: int = CHECK_EVERY) -> None:
+    def __init__(self, dist: DistInfo, job: TrainJob, check_every: int = CHECK_EVERY) -> None:
         super().__init__(check_every)
-        self.dist = dist
+        self.dist, self.job = dist, job
+        self.continued: str | None = None  # the run's next job, submitted after a CANCEL preemption
         # USR2, unless SUBMITIT_PREEMPT_SIGNAL names another (never USR1: NCCL's)
         self.warn_signal = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
         self.requeue_handler: Callable[[int, FrameType | None], Any] | None = None
@@ -128,6 +149,15 @@ class SlurmControl(RunControl):
             return
         why = "the time-limit/preemption signal" if self.warned else "SIGTERM"
         log.info("checkpoint at step %d written after %s: %s", step, why, path)
+        mode = job_preemption(os.environ.get("SLURM_JOB_ID", ""))
+        if mode is not None and mode not in ("REQUEUE", "SUSPEND"):  # Slurm will not bring this job back
+            try:
+                self.continued = recovery.after_preemption(self.job, mode, step)
+                log.info("preempted (PreemptMode=%s): the run continues as job %s once this one ends", mode,
+                         self.continued)
+                return
+            except (SubmitError, RunFolderError) as e:
+                log.error("preempted (PreemptMode=%s), and the next job could not be submitted: %s", mode, e)
         if self.warned and self.requeue_handler is not None:
             try:
                 self.requeue_handler(self.warn_signal, None)  # submitit: checkpoint() pickled, scontrol requeue, exit
@@ -135,8 +165,14 @@ class SlurmControl(RunControl):
                 log.warning("scontrol requeue failed (%s); a preempted job is requeued by Slurm itself", e)
                 raise SystemExit(1) from None
 
+    def on_rank_failure(self, verdict: Verdict) -> None:
+        """On the rank that named a failure: continue the run in a new job without the suspect node, or stop it."""
+        recovery.after_failure(self.job, verdict)
+
     def leave(self) -> None:
         """After a stop for a signal: end this task without a result, so submitit never reads one."""
+        if self.continued:
+            raise SystemExit(0)
         if self.dist.is_main and self.warned and self.requeue_handler is not None:
             # USR2 reached rank 0 only after the ranks agreed (scancel --signal TERM, then USR2): requeue now.
             self.requeue_handler(self.warn_signal, None)

@@ -3,6 +3,7 @@ job has, made once per run and continued by every job of it:
 
     RUN/job.json            job ids, command, submit folder   RUN/logs/<job>_<rank>_log.{out,err}  (submitit's)
     RUN/code/               senet/ pipeline/ models/ training/ slurm/ as they were at submission
+    RUN/failures.jsonl      append-only: each failure or CANCEL preemption, and what the run did (slurm.recovery)
 
 The job imports from RUN/code (PYTHONPATH, and PYTHONSAFEPATH so the working folder never comes first),
 so a requeued job runs the code it was submitted with, not whatever an editable install holds by then.
@@ -86,7 +87,17 @@ def read_job_file(run_dir: Path) -> dict[str, Any]:
 
 
 def write_job_file(run_dir: Path, info: dict[str, Any]) -> None:
-    (run_dir / JOB_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    tmp = run_dir / f".{JOB_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    tmp.replace(run_dir / JOB_FILE)  # a reader (`senet jobs`, the next job) never sees half a file
+
+
+def add_job(run_dir: Path, job_id: str, **facts: Any) -> dict[str, Any]:
+    """Record `job_id` as the run's current job in job.json (after the others in `jobs`), with `facts`."""
+    info = read_job_file(run_dir)
+    info.update({"job_id": job_id, "jobs": [*info.get("jobs", [info["job_id"]]), job_id], **facts})
+    write_job_file(run_dir, info)
+    return info
 
 
 def now() -> str:

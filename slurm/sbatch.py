@@ -1,18 +1,25 @@
-"""The config's `slurm` section as sbatch parameters: what submitit is asked for, and the script `--dry-run` prints.
+"""The config's `slurm` section as sbatch parameters: what submitit is asked for, the script `--dry-run` prints,
+and the submission itself (`sbatch_job`: a job of a run folder, also the run's next job after a failure).
 
 Tasks: one per GPU (`--ntasks-per-node = slurm.gpus_per_node`); `gpus_per_node: 0` asks for no GPUs and
 one CPU task per node. The job's working folder is RUN (`--chdir`: `sacct` then remembers where the run
 lives, for `senet logs`). The sbatch script comes from submitit's own generator, so `--dry-run` prints
-exactly what would be submitted.
+exactly what would be submitted. Every job asks for `--requeue`: a cluster with `JobRequeue=0` would
+otherwise refuse the requeue that a preemption or a time limit needs (submitit does not pass it).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import submitit
+
+from slurm.client import SubmitError, explain_sbatch_error
 from slurm.job_folder import CODE, JOB_PREFIX, LOGS
 from training.config import Config, ConfigError
 
@@ -86,7 +93,7 @@ def sbatch_parameters(cfg: Config, run_dir: Path) -> dict[str, Any]:
             f"export PYTHONPATH={shlex.quote(str(run_dir / CODE))}",  # the snapshot, before any installed copy
             "export PYTHONSAFEPATH=1",  # the working folder never shadows the snapshot
         ],
-        "additional_parameters": {"chdir": str(run_dir), **s.additional},
+        "additional_parameters": {"chdir": str(run_dir), "requeue": True, **s.additional},
     }
     if s.gpus_per_node:
         params["gpus_per_node"] = s.gpus_per_node
@@ -94,6 +101,31 @@ def sbatch_parameters(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 "mem": f"{s.mem_gb}GB" if s.mem_gb else None, "exclusive": True if s.exclusive else None}
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
+
+
+def sbatch_job(job: Callable[[], Any], cfg: Config, run_dir: Path, exclude: Sequence[str] = (),
+               after: str | None = None) -> str:
+    """Submit `job` (a `slurm.job.TrainJob`) for `run_dir` through submitit; its job id.
+
+    Args:
+        exclude: nodes the job must not run on (`--exclude`).
+        after: a job id this one starts after, however that one ends (`--dependency=afterany:ID`).
+
+    Raises:
+        SubmitError: sbatch refused the job (one line).
+    """
+    params = sbatch_parameters(cfg, run_dir)
+    if exclude:
+        params["exclude"] = ",".join(sorted(set(exclude)))
+    if after:
+        params["additional_parameters"]["dependency"] = f"afterany:{after}"
+    try:
+        executor = submitit.SlurmExecutor(folder=run_dir / LOGS, max_num_timeout=cfg.slurm.max_requeues)
+        executor.update_parameters(**params)
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
+            return executor.submit(job).job_id
+    except Exception as e:  # noqa: BLE001 - submitit raises plain exceptions for sbatch's refusals
+        raise SubmitError(explain_sbatch_error(str(e))) from None
 
 
 def sbatch_script(cfg: Config, run_dir: Path) -> str:

@@ -6,19 +6,15 @@ goes back to the submission folder, so relative paths in the config mean what th
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import submitit
-
-from slurm.client import SubmitError, explain_sbatch_error
+from slurm.client import SubmitError
 from slurm.job import TrainJob
-from slurm.job_folder import LOGS, RunFolderError, log_paths, now, prepare_run_dir, read_job_file, write_job_file
+from slurm.job_folder import RunFolderError, add_job, log_paths, now, prepare_run_dir, read_job_file, write_job_file
 from slurm.queue import ACTIVE, job_state
-from slurm.sbatch import check_job_config, sbatch_parameters, tasks_per_node
+from slurm.sbatch import check_job_config, sbatch_job, tasks_per_node
 from training.checkpoint import CheckpointError
 from training.checkpoint_folder import Found, newest_usable, verify_candidate
 from training.config import Config, load_config
@@ -100,9 +96,7 @@ def resubmit(run_dir: Path, command: list[str] | None = None) -> tuple[Submitted
     check_job_config(cfg)
     _need_sbatch()
     job_id = _sbatch(cfg, run_dir, Path(info.get("workdir") or run_dir))
-    info.update({"job_id": job_id, "jobs": [*info.get("jobs", [info["job_id"]]), job_id], "resubmitted": now(),
-                 "resumed_from_step": step, "resubmit_command": command or []})
-    write_job_file(run_dir, info)
+    add_job(run_dir, job_id, resubmitted=now(), resumed_from_step=step, resubmit_command=command or [])
     return Submitted(job_id, run_dir), found
 
 
@@ -114,10 +108,4 @@ def _need_sbatch() -> None:
 
 def _sbatch(cfg: Config, run_dir: Path, workdir: Path) -> str:
     """Submit the run folder's TrainJob through submitit; its job id."""
-    try:
-        executor = submitit.SlurmExecutor(folder=run_dir / LOGS, max_num_timeout=cfg.slurm.max_requeues)
-        executor.update_parameters(**sbatch_parameters(cfg, run_dir))
-        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
-            return executor.submit(TrainJob(cfg, run_dir, workdir)).job_id
-    except Exception as e:  # noqa: BLE001 - submitit raises plain exceptions for sbatch's refusals
-        raise SubmitError(explain_sbatch_error(str(e))) from None
+    return sbatch_job(TrainJob(cfg, run_dir, workdir), cfg, run_dir)

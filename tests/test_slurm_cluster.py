@@ -28,17 +28,19 @@ def cluster() -> Iterator[dict[str, str]]:
         yield cluster_env
 
 
-def test_two_idle_nodes_with_eight_gpus(cluster: dict[str, str]) -> None:
+def test_four_idle_nodes_with_eight_gpus_and_three_partitions(cluster: dict[str, str]) -> None:
     def nodes() -> set[str]:
         return set(slurm("sinfo", "-N", "-h", "-o", "%N %t %G %c").splitlines())  # a line per partition
 
-    expected = {"node1 idle gpu:8 16", "node2 idle gpu:8 16"}
+    expected = {f"node{i} idle gpu:8 16" for i in range(1, 5)}
     deadline = time.monotonic() + 20  # jobs of an earlier test module may still be ending
     while nodes() != expected and time.monotonic() < deadline:
         time.sleep(0.2)
     assert nodes() == expected
-    partitions = set(slurm("sinfo", "-h", "-o", "%P").split())
-    assert partitions == {"debug*", "urgent"}
+    modes = dict(line.split() for line in slurm("sinfo", "-h", "-o", "%P %p").splitlines())  # name, priority tier
+    assert modes.keys() == {"debug*", "cancel", "urgent"} and int(modes["urgent"]) > int(modes["cancel"]) == int(modes["debug*"])
+    shown = slurm("scontrol", "show", "partition", "cancel")
+    assert "PreemptMode=CANCEL" in shown and "GraceTime=10" in shown
 
 
 def test_sbatch_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Path) -> None:
@@ -49,7 +51,7 @@ def test_sbatch_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Path
     wait_until(lambda: job_state(job_id) == "", 30, f"job {job_id} leaving the queue")
     wait_until(lambda: sacct_states(job_id) == ["COMPLETED"], 10, f"sacct reporting job {job_id} COMPLETED")
     tasks = sorted(out.read_text().splitlines(), key=lambda line: int(line.split()[1]))
-    assert tasks == ["node1 0 0,1", "node1 1 0,1", "node2 2 0,1", "node2 3 0,1"]
+    assert tasks == ["node1 0 0,1", "node1 1 0,1", "node2 2 0,1", "node2 3 0,1"]  # the first idle nodes
 
 
 def test_submitit_two_nodes_two_tasks_each(cluster: dict[str, str], tmp_path: Path) -> None:
@@ -83,16 +85,35 @@ for _ in $(seq 600); do sleep 0.1; done
 """
 
 
+def preempt(low: str, log: Path) -> str:
+    """Wait for job `low` to start, then submit an urgent job on exactly its nodes (idle ones would not preempt)."""
+    wait_until(lambda: log.exists(), 20, f"job {low} starting")
+    nodes = slurm("squeue", "-h", "-j", low, "-o", "%N").strip()
+    return slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", f"--nodelist={nodes}", "--exclusive",
+                 "--output=/dev/null", "--wrap", "true").strip()
+
+
 def test_urgent_job_preempts_and_requeues_debug_job(cluster: dict[str, str], tmp_path: Path) -> None:
     log, script = tmp_path / "runs.log", tmp_path / "preemptible.sh"
     script.write_text(PREEMPTIBLE_JOB)
     low = slurm("sbatch", "--parsable", "--partition=debug", "--nodes=2", "--exclusive", "--signal=B:USR2@60",
                 f"--export=ALL,LOG={log}", "--output=/dev/null", str(script)).strip()
-    wait_until(lambda: log.exists(), 20, f"debug job {low} starting")
-    high = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
-                 "--wrap", "true").strip()
+    high = preempt(low, log)
     wait_until(lambda: job_state(high) == "" and job_state(low) == "", 45, f"jobs {low} and {high} finishing")
 
     assert log.read_text().split() == ["start", "0", "USR2", "TERM", "start", "1"]
     assert "Restarts=1" in slurm("scontrol", "show", "job", low)
     wait_until(lambda: sacct_states(low) == ["PREEMPTED", "COMPLETED"], 10, f"sacct showing job {low} requeued")
+
+
+def test_urgent_job_preempts_and_cancels_a_job_of_the_cancel_partition(cluster: dict[str, str], tmp_path: Path) -> None:
+    """Even with --requeue the job ends: what a run there must survive by submitting its own next job."""
+    log, script = tmp_path / "runs.log", tmp_path / "preemptible.sh"
+    script.write_text(PREEMPTIBLE_JOB)
+    low = slurm("sbatch", "--parsable", "--partition=cancel", "--nodes=2", "--exclusive", "--requeue",
+                "--signal=B:USR2@60", f"--export=ALL,LOG={log}", "--output=/dev/null", str(script)).strip()
+    high = preempt(low, log)
+    wait_until(lambda: job_state(high) == "" and job_state(low) == "", 45, f"jobs {low} and {high} finishing")
+
+    assert log.read_text().split() == ["start", "0", "USR2", "TERM"]  # warned, then ended; never started again
+    wait_until(lambda: sacct_states(low) == ["PREEMPTED"], 10, f"sacct showing job {low} preempted")

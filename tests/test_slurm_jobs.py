@@ -4,8 +4,12 @@ A 2-node x 2-task CPU (gloo) job on make-synthetic data completes and reports th
 a job interrupted the way a time limit interrupts it (USR2 via submitit's `_interrupt(timeout=True)`)
 and a job preempted by the `urgent` partition are requeued, resume from the checkpoint written at the
 signal, and end with parameters bit-identical to `senet train --nproc 4` (same world size); so does a
-cancelled run continued with `senet submit --resume` after its newest checkpoint was damaged. The sbatch
-script of the paper recipe and sbatch's refusals are checked without running anything.
+cancelled run continued with `senet submit --resume` after its newest checkpoint was damaged. A rank
+stopped with SIGSTOP, then a node lost (its slurmd, step and ranks killed), are named, and the run
+continues each time in a new job without that node, to the same parameters; a job preempted on the
+`cancel` partition submits the run's next job itself, and names its injected slow rank; a NaN loss
+stops the run once, with one line. The sbatch script of the paper recipe and sbatch's refusals are
+checked without running anything.
 
 One uninterrupted reference run serves every comparison; it starts with the module and runs while the
 first jobs queue.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +33,7 @@ from slurm.sbatch import check_job_config, parse_time, sbatch_parameters
 from senet.cli import main
 from training.config import ConfigError, load_config
 from training.metrics import read_metrics
-from tests.helpers import flip_a_bit, sacct_states, slurm, start_cluster, wait_until
+from tests.helpers import ROOT as REPO, flip_a_bit, sacct_states, slurm, start_cluster, wait_until
 from training.checkpoint_manifest import read_manifest
 
 # A GPU node's bare interpreter has no submitit: this module is skipped there, so `pytest -m gpu` collects.
@@ -137,6 +142,13 @@ def wait_for_end(job_id: str, run_dir: Path) -> None:
                f"sacct reporting job {job_id} COMPLETED (it says {sacct_states(job_id)}; logs in {run_dir / 'logs'})")
 
 
+def preempt(job_id: str) -> str:
+    """An urgent job on exactly the nodes of `job_id` (the cluster's idle nodes would not preempt it); its id."""
+    nodes = slurm("squeue", "-h", "-j", job_id, "-o", "%N").strip()
+    return slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", f"--nodelist={nodes}", "--exclusive",
+                 "--output=/dev/null", "--job-name=urgent-test_slurm_jobs", "--wrap", "true").strip()
+
+
 def rank0_log(job_id: str, run_dir: Path) -> str:
     return (run_dir / "logs" / f"{job_id}_0_log.err").read_text()
 
@@ -159,7 +171,8 @@ def test_dry_run_of_the_paper_recipe_shows_4_nodes_of_8_gpus_and_8_tasks(tmp_pat
     assert main(["submit", str(ROOT / "configs" / "se_resnext50_32x4d.yaml"), "--out", str(tmp_path), "--dry-run"]) == 0
     script = capsys.readouterr().out
     for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
-                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=1440", "#SBATCH --signal=USR2@120"):
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --time=1440", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --requeue"):  # a cluster with JobRequeue=0 would refuse the requeue otherwise
         assert line in script.splitlines(), script
     assert "submitit.core._submit" in script and "PYTHONPATH=" in script
     # srun of Slurm 22.05-23.02 does not inherit --cpus-per-task from sbatch: the job passes it itself
@@ -238,8 +251,7 @@ def test_preemption_by_the_urgent_partition_requeues_and_resumes_to_the_same_par
         cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest) -> None:
     job_id, run_dir = submit(workspace, "--partition", "debug")
     wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {job_id} training")
-    urgent = slurm("sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
-                   "--job-name=urgent-test_slurm_jobs", "--wrap", "true").strip()
+    urgent = preempt(job_id)
     wait_for_end(job_id, run_dir)
     assert sacct_states(urgent) == ["COMPLETED"]
     states = sacct_states(job_id)
@@ -294,6 +306,23 @@ def test_a_cancelled_run_continues_with_submit_resume_to_the_same_parameters(
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
 
 
+def test_a_run_whose_checkpoints_outlast_its_warning_is_refused_before_it_queues_again(
+        cluster: dict[str, str], workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Its own metrics say a checkpoint takes 45 s: 30 s before the time limit cannot save it and requeue."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(workspace / "test_slurm_jobs.yaml")
+    (run_dir / "config.yaml").write_text((workspace / "test_slurm_jobs.yaml").read_text())
+    (run_dir / "job.json").write_text(json.dumps({"job_id": "999999", "workdir": str(workspace)}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "checkpoint", "step": 6, "write_s": 45.0}) + "\n")
+    assert cfg.slurm.signal_delay_s == 30
+    assert main(["submit", "--resume", str(run_dir)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert "slurm.signal_delay_s = 30 s cannot cover a checkpoint" in line and "writes so far up to 45.00 s" in line
+    assert not captured.out  # nothing submitted
+
+
 def test_resume_of_a_folder_without_a_checkpoint_is_one_line(cluster: dict[str, str], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "job.json").write_text(json.dumps({"job_id": "999999", "workdir": str(tmp_path)}))
@@ -320,3 +349,140 @@ def test_a_job_from_a_pack_staged_on_both_nodes_ends_like_the_tree_run(
     staged = next(stage_dir.glob("senet-*")) / "train"
     assert len(list(staged.glob("shard-*.tar"))) == len(shards) and not list(staged.glob("*.tmp*"))
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
+
+
+# --------------------------------------------------------------------------- faults: continued elsewhere
+FAULT_TIMEOUT = "train.dist_timeout_s=10"  # a stopped rank is named after 10 s of silence
+
+
+def heartbeat(run_dir: Path, job_id: str, rank: int) -> dict:
+    """The rank's heartbeat in job `job_id` (training.health), once it has one."""
+    found: list[dict] = []
+
+    def beating() -> bool:
+        found[:] = [b for p in run_dir.glob(f"health/*/rank-{rank}.json") if (b := beat_of_job(p, job_id))]
+        return bool(found)
+
+    wait_until(beating, JOB_TIMEOUT_S, f"job {job_id}'s rank {rank} beating")
+    return found[0]
+
+
+def beat_of_job(path: Path, job_id: str) -> dict | None:
+    """The heartbeat in `path` if a task of `job_id` wrote it (its process's environment says which job)."""
+    try:
+        beat = json.loads(path.read_text())
+        environ = Path(f"/proc/{beat['pid']}/environ").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return beat if f"SLURM_JOB_ID={job_id}".encode() in environ else None
+
+
+def next_job(run_dir: Path, after: str) -> str:
+    """The job that continues the run after job `after` (job.json names it)."""
+    def current() -> str:
+        return str(json.loads((run_dir / "job.json").read_text())["job_id"])
+    wait_until(lambda: current() != after, JOB_TIMEOUT_S, f"a job continuing the run of job {after}")
+    return current()
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "failures.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def nodes_of(job_id: str) -> set[str]:
+    shown = slurm("scontrol", "show", "hostnames", slurm("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NodeList")
+                  .split()[-1])
+    return set(shown.split())
+
+
+def senet_jobs(capsys: pytest.CaptureFixture) -> dict[str, str]:
+    """`senet jobs`: job id -> its whole line."""
+    capsys.readouterr()
+    assert main(["jobs"]) == 0
+    return {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+
+
+def test_a_stopped_rank_then_a_lost_node_are_named_and_the_run_continues_elsewhere_to_the_same_parameters(
+        cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
+    first, run_dir = submit(workspace, "--set", FAULT_TIMEOUT)
+    wait_until(lambda: steps_logged(run_dir) >= STEPS_PER_EPOCH + 2, JOB_TIMEOUT_S, f"job {first} past a checkpoint")
+    hung = heartbeat(run_dir, first, 3)  # on the job's second node
+    os.kill(hung["pid"], signal.SIGSTOP)
+    stopped = time.monotonic()
+    second = next_job(run_dir, first)
+    continued_after = time.monotonic() - stopped
+    (named,) = records(run_dir)
+    assert named["kind"] == "silent" and named["ranks"] == [3] and named["nodes"] == [hung["node"]], named
+    assert f"rank 3 (node {hung['node']}" in named["message"] and "stopped answering" in named["message"]
+    assert named["action"] == "continued" and named["new_job"] == second and named["exclude"] == [hung["node"]]
+    assert continued_after < 10 + 10, continued_after  # train.dist_timeout_s, then seconds
+    wait_until(lambda: not in_queue(first), 30, f"job {first} ending (cancelled by the rank that named rank 3)")
+    wait_until(lambda: sacct_states(first) == ["CANCELLED"], 15, f"sacct reporting job {first} CANCELLED")
+
+    killed: list[int] = []
+    try:
+        wait_until(lambda: heartbeat(run_dir, second, 2)["step"] >= named["resume_step"] + 2, JOB_TIMEOUT_S,
+                   f"job {second} training")
+        lost = heartbeat(run_dir, second, 2)  # the second node of the continuing job: ranks 2 and 3
+        ranks = [lost["pid"], heartbeat(run_dir, second, 3)["pid"]]
+        step_daemon = int(subprocess.check_output(["ps", "-o", "ppid=", "-p", str(lost["pid"])]))  # slurmstepd
+        slurmd = int((REPO / ".slurm-local" / "run" / f"slurmd-{lost['node']}.pid").read_text())
+        for pid in (slurmd, step_daemon, *ranks):  # the node is gone: its daemon, the job step and the ranks
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        third = next_job(run_dir, second)
+        wait_for_end(third, run_dir)
+    finally:
+        if killed:
+            start_cluster()  # the lost node's slurmd again, so that later tests find four nodes
+    second_named = records(run_dir)[1]
+    assert second_named["kind"] == "silent" and second_named["ranks"] == [2, 3], second_named
+    assert second_named["exclude"] == sorted({hung["node"], lost["node"]}) and second_named["new_job"] == third
+    assert not nodes_of(third) & {hung["node"], lost["node"]}
+    resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
+    assert resumes == [named["resume_step"], second_named["resume_step"]]
+    assert_same_parameters(run_dir, request.getfixturevalue("reference"))
+    listed = senet_jobs(capsys)
+    assert f"-> continued as job {second} without {hung['node']}" in listed[first]
+    assert f"-> continued as job {third} without " in listed[second]
+
+
+def test_a_nan_loss_stops_the_run_once_in_one_line_and_senet_jobs_says_why(
+        cluster: dict[str, str], workspace: Path, capsys: pytest.CaptureFixture) -> None:
+    job_id, run_dir = submit(workspace, "--set", "optim.lr=1.0e+30")  # the weights explode at the first step
+    wait_until(lambda: not in_queue(job_id), JOB_TIMEOUT_S, f"job {job_id} leaving the queue")
+    wait_until(lambda: sacct_states(job_id) == ["FAILED"], 15, f"sacct reporting job {job_id} FAILED")
+    (stopped,) = records(run_dir)
+    assert stopped["action"] == "stopped" and stopped["reason"] == "deterministic (NonFiniteLoss): not retried"
+    assert json.loads((run_dir / "job.json").read_text())["jobs"] == [job_id]  # nothing was submitted after it
+    logs = [p.read_text() for p in sorted((run_dir / "logs").glob(f"{job_id}_*_log.err"))]
+    said = [line for log in logs for line in log.splitlines() if "the run stops" in line]
+    assert len(said) == 1 and "NonFiniteLoss: loss is not finite" in said[0], said
+    assert not any("Traceback" in log for log in logs)
+    assert "run stopped: deterministic (NonFiniteLoss): not retried" in senet_jobs(capsys)[job_id]
+
+
+def test_a_run_preempted_on_the_cancel_partition_continues_in_its_own_next_job_and_names_its_slow_rank(
+        cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SENET_TEST_SLOW_RANK", "3:0.5")  # the jobs inherit it: rank 3 sleeps 0.5 s after each step
+    first, run_dir = submit(workspace, "--partition", "cancel")
+    assert ("preemption on partition cancel: Slurm cancels the job (PreemptMode=CANCEL); it checkpoints at the USR2 "
+            "(GraceTime 10 s + KillWait 5 s) and submits the run's next job itself") in capsys.readouterr().out
+    wait_until(lambda: steps_logged(run_dir) >= 2, JOB_TIMEOUT_S, f"job {first} training")
+    urgent = preempt(first)
+    second = next_job(run_dir, first)
+    wait_for_end(second, run_dir)
+    assert sacct_states(urgent) == ["COMPLETED"] and len(sacct_states(first)) == 1  # never requeued
+    (preempted,) = records(run_dir)
+    assert preempted["kind"] == "preempted" and preempted["mode"] == "CANCEL" and preempted["new_job"] == second
+    resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
+    assert resumes == [preempted["step"]] and 0 < preempted["step"] < EPOCHS * STEPS_PER_EPOCH
+    assert_same_parameters(run_dir, request.getfixturevalue("reference"))
+
+    slow = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "straggler"]
+    assert slow and {r["rank"] for r in slow} == {3}, slow
+    assert f"slow: rank 3 ({slow[-1]['node']}) kept the others waiting" in senet_jobs(capsys)[second]
+    assert main(["logs", second, "--stream", "err"]) == 0
+    assert "slow rank: rank 3 (node " in capsys.readouterr().out

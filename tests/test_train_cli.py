@@ -2,14 +2,17 @@
 
 Two processes with class-aware sampling and full augmentation learn the synthetic task; a run
 SIGKILLed after a checkpoint and resumed with `--resume auto` ends bit-identical to an uninterrupted
-one; configuration mistakes are one line and exit 2.
+one; configuration mistakes are one line and exit 2; a rank killed or stopped (SIGSTOP) is named with
+its host and last step, and the run ends at once or within `train.dist_timeout_s`; a slow rank is named.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -243,19 +246,69 @@ def test_config_errors_are_one_line_and_exit_2(data: Path, config: Path, tmp_pat
     assert not (tmp_path / "runs").exists(), "a failed start must not leave a run folder"
 
 
+def heartbeat(out: Path, rank: int) -> dict:
+    """The rank's heartbeat file of the run in progress (training.health)."""
+    (path,) = out.glob(f"health/*/rank-{rank}.json")
+    return json.loads(path.read_text())
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {finish(proc, 10)[1][-3000:]}"
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def logged_step(out: Path) -> int:
+    return max((r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r), default=0)
+
+
+FAULT_RUN = ("data.crop_size=32", "train.epochs=50", "train.batch_size=8", "train.log_every=2", "train.dist_timeout_s=10")
+
+
 @needs_loader
 @pytest.mark.slow
-def test_a_dead_rank_ends_the_job_in_bounded_time(data: Path, config: Path, tmp_path: Path) -> None:
+def test_a_killed_rank_is_named_with_its_host_and_step_and_the_run_ends_at_once(data: Path, config: Path,
+                                                                                tmp_path: Path) -> None:
     out = tmp_path / "dead"
-    proc = senet("train", str(config), "--nproc", "2", "--out", str(out), *settings(
-        data, tmp_path, "data.crop_size=32", "train.epochs=50", "train.batch_size=8", "train.log_every=1",
-        "train.dist_timeout_s=30"))
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # both ranks are training once rank 0 has logged a step
-    ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    assert len(ranks) == 2, ranks
-    os.kill(ranks[1], signal.SIGKILL)
-    killed = time.monotonic()
+    proc = senet("train", str(config), "--nproc", "2", "--out", str(out), *settings(data, tmp_path, *FAULT_RUN))
+    wait_for(lambda: logged_step(out) >= 4, proc, 120, "4 steps")
+    victim = heartbeat(out, 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed, at_least = time.monotonic(), logged_step(out)
     code, text = finish(proc, timeout=60)  # also waits for every process holding its output: none may linger
-    assert code != 0 and time.monotonic() - killed < 30, text[-2000:]
+    took = time.monotonic() - killed
+    last = text.strip().splitlines()[-1]
+    assert code == 1 and took < 15, (took, text[-2000:])
+    assert last.startswith(f"senet train: error: rank 1 (node {socket.gethostname()}, pid {victim['pid']}; last step ")
+    assert "stopped answering: dead (its connection closed)" in last
+    assert int(last.split("last step ")[1].split(")")[0]) >= at_least
+    assert "Traceback" not in text
+
+
+@needs_loader
+@pytest.mark.slow
+def test_a_slow_rank_is_named_and_once_stopped_the_run_ends_naming_it_within_the_timeout(
+        data: Path, config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "slow"
+    env = {**os.environ, "SENET_TEST_SLOW_RANK": "1:0.4"}  # rank 1 sleeps 0.4 s after each step
+    proc = senet("train", str(config), "--nproc", "2", "--out", str(out), *settings(data, tmp_path, *FAULT_RUN), env=env)
+    named = lambda: [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "straggler"]  # noqa: E731
+    wait_for(named, proc, 150, "a slow rank named in metrics.jsonl")
+    (event,) = named()[:1]
+    assert event["rank"] == 1 and event["node"] == socket.gethostname() and event["last_in"] * 2 >= event["window"]
+    assert event["wait_s"] > 0.1  # a good part of the 0.4 s (the rest overlaps with the others' own input waits)
+
+    victim = heartbeat(out, 1)
+    os.kill(victim["pid"], signal.SIGSTOP)  # hung: alive, silent, holding its sockets open
+    stopped = time.monotonic()
+    code, text = finish(proc, timeout=90)
+    took = time.monotonic() - stopped
+    lines = text.strip().splitlines()
+    assert code == 1 and took < 10 + 8, (took, text[-2000:])  # train.dist_timeout_s plus a few seconds
+    assert any(line.startswith("WARNING senet.train: slow rank: rank 1 (node") for line in lines)
+    assert lines[-1].startswith(f"senet train: error: rank 1 (node {socket.gethostname()}, pid {victim['pid']}; ")
+    assert "stopped answering: hung or dead, no heartbeat for" in lines[-1]
+    assert "Traceback" not in text
+    assert not Path(f"/proc/{victim['pid']}").exists()  # the launcher ended the stopped rank too

@@ -22,18 +22,21 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from training import dist as distmod
 from training.checkpoint_writer import CheckpointWriter
 from training.config import Config, ConfigError, runs_channels_last
 from training.control import RunControl
 from training.ema import WeightEMA, ema_horizon_note
+from training.health import Health, heartbeat_interval
 from training.inputs import describe_inputs, eval_input, train_input
 from training.metrics import MetricsLog
 from training.optim import LRSchedule, build_optimizer
 from training.placement import Placement, check_node, input_shm_bytes, mean_file_bytes
 from training.precision import Precision
 from training.run_folder import CHECKPOINTS, METRICS
+from training.stragglers import StragglerWatch, SyncTimer, slow_down_from_env
 from training.weights import check_init_from
 
 log = logging.getLogger("senet.train")
@@ -60,6 +63,8 @@ class Run:
     control: RunControl
     group: Any  # host control group for agreements (None = the world group, or a single process)
     checkpoints: CheckpointWriter  # rank 0 writes; the other ranks' writer does nothing
+    health: Health  # heartbeats: names a hung, dead or failed rank (training.health)
+    stragglers: StragglerWatch  # names the rank the others wait for (training.stragglers)
     ema: WeightEMA | None = None  # the weight EMA (train.ema_decay), None when off
     closers: list[Callable[[], None]] = field(default_factory=list)  # what `build` started, undone by `close`
 
@@ -113,12 +118,17 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
             if place.is_main:
                 log.info("input: %s", describe_inputs(cfg))
         train_loader, val_loader = loaders
-        if distmod.init_distributed(place, cfg.train.dist_timeout_s):
+        timeout = distmod.process_group_timeout(cfg.train.dist_timeout_s, heartbeat_interval(cfg.train.dist_timeout_s))
+        if distmod.init_distributed(place, timeout):
             closers.append(distmod.teardown_distributed)
-        group = distmod.control_group(place.backend)
+        group = distmod.control_group(place.backend, timeout)
+        control = control or RunControl()
+        health = Health.start(place.dist.rank, place.dist.world_size, Path(out_dir), cfg.train.dist_timeout_s, group,
+                              control.on_rank_failure)
+        closers.append(health.close)
         distmod.check_distinct_gpus(place, group)
-        return _assemble(cfg, place, Path(out_dir), data, train_loader, val_loader, model, control or RunControl(),
-                         group, closers)
+        return _assemble(cfg, place, Path(out_dir), data, train_loader, val_loader, model, control, group, health,
+                         closers)
     except BaseException:
         for close in reversed(closers):
             close()
@@ -126,12 +136,14 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
 
 
 def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader: Any, val_loader: Any | None,
-              model: nn.Module | None, control: RunControl, group: Any, closers: list[Callable[[], None]]) -> Run:
+              model: nn.Module | None, control: RunControl, group: Any, health: Health,
+              closers: list[Callable[[], None]]) -> Run:
     """Model, DDP wrapper, optimizer, schedule, scaler and metrics log of this rank."""
     dist, device, precision = place.dist, place.torch_device, place.precision
     model = build_model(cfg, device) if model is None else model.to(device)
     optimizer, kind = build_optimizer(model, cfg.optim, place.device)
     train_model: nn.Module = model
+    timer = None
     if dist.distributed:
         # broadcast_buffers=False: no broadcast of every BN buffer before every forward. Training-mode BN
         # normalises with the batch's own statistics, so the running statistics change no gradient; rank
@@ -140,8 +152,9 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
             broadcast_buffers=False)
-        if device.type == "cpu":  # exact resume with any number of ranks (see ordered_mean_hook)
-            train_model.register_comm_hook(None, distmod.ordered_mean_hook)
+        timer = SyncTimer(device)  # how long this rank waits for the others in each step
+        # CPU: exact resume with any number of ranks (see ordered_mean_hook); GPU: DDP's own all-reduce, timed
+        timer.attach(train_model, distmod.ordered_mean_hook if device.type == "cpu" else allreduce_hook)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     steps_per_epoch = len(train_loader)
@@ -166,10 +179,11 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
     checkpoints = CheckpointWriter(out / CHECKPOINTS, t.keep_checkpoints, t.background_checkpoints,
                                    t.checkpoint_every_min, dist.is_main, metrics)
     closers.append(checkpoints.close)  # closed before the metrics log: a landing write records its row
+    stragglers = StragglerWatch(health.infos, dist.rank, cfg.train.log_every, timer, slow_down_from_env(dist.rank))
     return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
                optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
                val_loader=val_loader, classes=tuple(data.classes), log=metrics, control=control, group=group,
-               checkpoints=checkpoints, ema=ema, closers=closers)
+               checkpoints=checkpoints, health=health, stragglers=stragglers, ema=ema, closers=closers)
 
 
 def preflight(cfg: Config, root_hint: str = "") -> None:

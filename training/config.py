@@ -149,7 +149,9 @@ class TrainConfig:
     init_weights: Literal["best", "raw", "ema"] = _key("best", "which weights of train.init_from start the run: "
                                                       "best = those that won its validation (its best_weights), raw, "
                                                       "or its EMA")
-    dist_timeout_s: int = _key(600, "seconds a collective may wait for a dead rank before the job fails", min=10)
+    dist_timeout_s: int = _key(600, "seconds without a heartbeat after which a hung or dead rank is named and the "
+                               "run stops (a dead rank's closed connection stops it at once); the collectives "
+                               "time out a little later as a backstop", min=10)
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,12 @@ class SlurmConfig:
     time_min: int = _key(24 * 60, "time limit of one job allocation in minutes (requeue continues the run)", min=1)
     exclusive: bool = _key(True, "whole servers for the job")
     signal_delay_s: int = _key(120, "seconds before the time limit that the checkpoint signal comes", min=10)
-    max_requeues: int = _key(10, "how many times a timed-out or preempted job is requeued", min=0)
+    max_requeues: int = _key(10, "how many times a job that reaches its time limit is requeued (submitit's "
+                             "max_num_timeout); preemptions are neither counted nor bounded", min=0)
+    max_failure_requeues: int = _key(3, "how many times a run whose rank hung, died or failed continues in a new "
+                                     "job without the suspect node(s), counted in RUN/failures.jsonl; deterministic "
+                                     "failures (config error, NaN loss, the same exception at the same step) are not retried",
+                                     min=0)
     output_root: str = _key("runs", "shared folder holding one run folder per job")
     additional: dict = _key({}, "extra sbatch parameters, e.g. {'reservation': 'x'}")
 

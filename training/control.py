@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class RunControl:
@@ -10,7 +11,8 @@ class RunControl:
     Safe to call from a signal handler: it only sets flags. Every rank must pass a RunControl (or
     every rank None) with the same `check_every`, because the ranks agree on the flags collectively.
     Subclass it (or assign `on_checkpoint_saved`) to act once the requested checkpoint is on disk,
-    e.g. to requeue a Slurm job.
+    e.g. to requeue a Slurm job, and `on_rank_failure` to act when a rank failed, e.g. to continue a
+    Slurm run in a new job.
     """
 
     def __init__(self, check_every: int = 10) -> None:
@@ -27,3 +29,10 @@ class RunControl:
 
     def on_checkpoint_saved(self, path: Path, step: int) -> None:
         """Called on every rank once a requested checkpoint is complete on disk (rank 0 wrote it)."""
+
+    def on_rank_failure(self, verdict: Any) -> None:
+        """Called on the one rank that names a failure (a `training.health.Verdict`), before it leaves.
+
+        It may run on the heartbeat thread while the main thread is blocked in a collective; the process
+        ends right after it returns.
+        """

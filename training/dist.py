@@ -2,9 +2,11 @@
 
 The rank facts come from `training.ranks.DistInfo` inside this process's `training.placement.Placement`.
 
-A rank that dies must not hang the others forever: every collective has a timeout
-(`train.dist_timeout_s`), after which it raises instead of waiting (gloo raises on its own; NCCL needs
-its asynchronous error handling, which torch enables by default and which we set explicitly).
+A rank that dies or hangs must not hang the others forever. `training.health` names it first: its
+heartbeat stops, and after `train.dist_timeout_s` of silence the others stop, naming it. The collectives'
+own timeout is a backstop a little later (`process_group_timeout`): gloo then raises, NCCL's watchdog
+(asynchronous error handling, which torch enables by default and which we set explicitly) aborts the
+process. A dead peer's closed connection makes gloo raise at once.
 """
 from __future__ import annotations
 
@@ -17,6 +19,18 @@ import torch.distributed as tdist
 
 from training.placement import Placement, PlacementError
 
+BACKSTOP_S = 15.0  # the collectives time out this much after the heartbeats name a silent rank (plus their checks)
+
+
+def process_group_timeout(dist_timeout_s: float, heartbeat_s: float) -> float:
+    """The collectives' own timeout: long enough for the heartbeat watchdog to name a silent rank first.
+
+    The watchdog notices a stall after two heartbeats, names a rank silent for `dist_timeout_s`, and
+    needs a few seconds to act on it (see `training.health`); NCCL's watchdog would abort the process
+    without a word if it came first.
+    """
+    return dist_timeout_s + 5 * heartbeat_s + BACKSTOP_S
+
 
 def init_distributed(p: Placement, timeout_s: float) -> bool:
     """Select this rank's GPU, then join the process group (`env://` rendezvous) unless this is a single process.
@@ -27,7 +41,8 @@ def init_distributed(p: Placement, timeout_s: float) -> bool:
 
     Args:
         p: this process's placement (rank facts, device, backend).
-        timeout_s: how long any collective may wait for another rank before it raises.
+        timeout_s: how long any collective may wait for another rank before it raises
+            (`process_group_timeout`).
 
     Returns:
         True when this call created the process group (the caller then tears it down).
@@ -78,11 +93,16 @@ def shared_gpu(ranks: list[tuple[int, str, str, int]]) -> str | None:
     return None
 
 
-def control_group(backend: str) -> tdist.ProcessGroup | None:
-    """A CPU (gloo) group for small host-side agreements, so that they never synchronise a GPU stream."""
+def control_group(backend: str, timeout_s: float) -> tdist.ProcessGroup | None:
+    """A CPU (gloo) group for small host-side agreements, so that they never synchronise a GPU stream.
+
+    It times out like the world group (`new_group` would otherwise take torch's 30-minute default).
+    """
     if not tdist.is_initialized():
         return None
-    return tdist.new_group(backend="gloo") if backend == "nccl" else None  # None = the world group, already gloo
+    if backend != "nccl":
+        return None  # the world group, already gloo
+    return tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def teardown_distributed() -> None:
@@ -125,7 +145,8 @@ def ordered_mean_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP inspects a h
     parts = [torch.empty_like(tensor) for _ in range(world)]
     future = tdist.all_gather(parts, tensor, async_op=True).get_future()
 
-    def mean(_future):  # noqa: ANN001, ANN202
+    def mean(gathered):  # noqa: ANN001, ANN202
+        gathered.wait()  # re-raises the all-gather's failure: ignored, it left DDP's backward waiting forever
         total = parts[0].clone()
         for p in parts[1:]:
             total += p

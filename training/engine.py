@@ -31,6 +31,9 @@ synchronised for it). Rank 0 writes them in the background (training.checkpoint_
 and the end of the run wait until the write has landed. A resume reads the newest checkpoint that
 verifies, once, on rank 0 (training.checkpoint_resume).
 
+Each finished step is reported to `training.health` (heartbeats: a hung, dead or failed rank is named,
+and the loop leaves as one verdict) and `training.stragglers` (the rank the others wait for is named).
+
 No host synchronisation in a step that neither logs nor checkpoints: the loss is accumulated on the
 device (`StepMeter`), the loaders deliver device tensors without waiting, and fp16's loss scaling uses
 the fused optimizer's on-device skip.
@@ -116,7 +119,8 @@ def fit(r: Run, resume: str | None = "auto") -> dict[str, Any]:
     """Restore (or start fresh), train to `train.epochs` or a requested stop, draw the curves; the summary."""
     state = restore(r, resume)
     write_run_files(r)
-    summary = train(r, state)
+    with r.health.guard():  # a hung, dead or failed rank leaves as one verdict naming it (training.health)
+        summary = train(r, state)
     if r.place.is_main:
         plot_curves(read_metrics(r.out / METRICS), r.out / CURVES)
     return summary
@@ -209,6 +213,8 @@ def train_one_epoch(r: Run, state: TrainState, stalls: StallMonitor | None = Non
         state.step += 1
         if r.ema is not None:
             r.ema.update(state.step)
+        r.health.step_done(state.step)
+        r.stragglers.step_done()
         meter.add(loss)
         if state.step % cfg.log_every == 0:
             row = meter.flush(state.step, r.group)
@@ -217,6 +223,7 @@ def train_one_epoch(r: Run, state: TrainState, stalls: StallMonitor | None = Non
                 log.info("epoch %d step %d/%d: loss %.4f lr %.4g %.0f img/s data wait %.0f%%", state.epoch + 1,
                          state.step - state.epoch * steps_per_epoch, steps_per_epoch, row["loss"], lr,
                          row["images_per_s"], 100 * row["data_wait_fraction"])
+            r.stragglers.window_done(state.step, r.group, r.log)  # names the rank the others wait for
         requested = timed = False
         if state.step % r.control.check_every == 0:
             requested, timed = agree_on_requests(r.control, r.group, r.checkpoints)

@@ -3,8 +3,10 @@
 Each rank is a fresh interpreter with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port), so DALI can start its Python workers
 before anything touches CUDA. When one rank fails the others are stopped and the first failure's
-status is returned; SIGTERM to the launcher is passed on to every rank, and whatever a killed rank
-leaves behind (its DALI workers, adopted by the launcher) is ended once the ranks are gone.
+status is returned: a rank that is stopped (SIGSTOP) is killed at once, since it heeds no SIGTERM, and
+the others get a grace period to notice and name the failure (`training.health`); SIGTERM to the
+launcher is passed on to every rank, and whatever a killed rank leaves behind (its DALI workers, adopted
+by the launcher) is ended once the ranks are gone.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from pipeline.processes import become_subreaper, child_pids, kill_children
@@ -41,7 +44,7 @@ def launch_ranks(command: Sequence[str], nproc: int, extra_env: Mapping[str, str
 
 
 def wait_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> int:
-    """Wait for every rank; when one fails, give the others `grace_s` to notice, then stop them.
+    """Wait for every rank; when one fails, kill the stopped ones and give the others `grace_s` to notice.
 
     Returns the first failure's exit status (signals as 128 + number), else 0.
     """
@@ -53,6 +56,10 @@ def wait_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> int:
             if code not in (None, 0) and not first_failure:
                 first_failure = code if code > 0 else 128 - code
                 deadline = time.monotonic() + grace_s
+        if first_failure:
+            for p in procs:
+                if p.poll() is None and stopped(p.pid):
+                    p.kill()
         if deadline is not None and time.monotonic() > deadline:
             stop_all(procs, grace_s=5.0)
             break
@@ -76,3 +83,12 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP, or a debugger): state T or t in /proc/PID/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] in "Tt"  # the command name in parentheses may hold spaces

@@ -6,6 +6,7 @@ that read them (predict, the demo's report, the Slurm commands) all agree on it.
     RUN/metrics.jsonl        one JSON row per log step, validation, resume and checkpoint write
     RUN/curves.png           loss, learning rate and validation accuracy against the step
     RUN/checkpoints/ckpt-<step>.pt and manifest.json: the kept checkpoints and their sha256 (checkpoint_folder)
+    RUN/health/<session>/    each rank's heartbeat, and the verdict naming a failed rank (training.health)
 
 A Slurm job adds its own (job.json, logs/, code/: slurm.job_folder).
 """
@@ -18,6 +19,7 @@ CHECKPOINTS = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 CONFIG, GIVEN_CONFIG = "config.yaml", "config.given.yaml"
+HEALTH = "health"
 RUNS = Path("runs")  # where `senet train` puts a run folder unless --out says otherwise
 
 

@@ -1,26 +1,40 @@
 # shellcheck shell=bash disable=SC2034  # the names below are used by the scripts that source this
 # Shared by up.sh and down.sh: where the local cluster lives and which ports it uses.
 # Everything is under one folder of the checkout, so `down.sh` can remove it all at once.
-# Two checkouts can run side by side if they use different SENET_SLURM_PORT_BASE values.
+# Two checkouts can run side by side if they use different SENET_SLURM_PORT_BASE values (ports do not overlap).
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 LOCAL=${SENET_SLURM_DIR:-$ROOT/.slurm-local}
 PORT_BASE=${SENET_SLURM_PORT_BASE:-16817}
+NODE_COUNT=${SENET_SLURM_NODES:-4}  # an idle slurmd costs nothing; 4 lets a 2-node job lose a node and go on
 case $PORT_BASE in
     ''|*[!0-9]*) echo "SENET_SLURM_PORT_BASE=$PORT_BASE is not a number; use e.g. 16817" >&2; exit 2 ;;
 esac
-if (( PORT_BASE < 1024 || PORT_BASE > 65530 )); then
-    echo "SENET_SLURM_PORT_BASE=$PORT_BASE is out of range; use 1024..65530 (it needs 5 ports)" >&2
+case $NODE_COUNT in
+    ''|*[!0-9]*) echo "SENET_SLURM_NODES=$NODE_COUNT is not a number; use e.g. 4" >&2; exit 2 ;;
+esac
+if (( NODE_COUNT < 1 || NODE_COUNT > 64 )); then
+    echo "SENET_SLURM_NODES=$NODE_COUNT is out of range; use 1..64" >&2
+    exit 2
+fi
+# Ports: slurmctld, slurmdbd, mariadbd, then one per node (3 + NODE_COUNT from PORT_BASE).
+if (( PORT_BASE < 1024 || PORT_BASE + 2 + NODE_COUNT > 65535 )); then
+    echo "SENET_SLURM_PORT_BASE=$PORT_BASE is out of range; use 1024..$((65535 - 2 - NODE_COUNT)) (it needs $((3 + NODE_COUNT)) ports)" >&2
     exit 2
 fi
 
 CTLD_PORT=$PORT_BASE           # slurmctld
-NODE1_PORT=$((PORT_BASE + 1))  # slurmd -N node1
-NODE2_PORT=$((PORT_BASE + 2))  # slurmd -N node2
-DBD_PORT=$((PORT_BASE + 3))    # slurmdbd
-DB_PORT=$((PORT_BASE + 4))     # mariadbd
+DBD_PORT=$((PORT_BASE + 1))    # slurmdbd
+DB_PORT=$((PORT_BASE + 2))     # mariadbd
 CLUSTER=senet$PORT_BASE        # accounting keys its tables by cluster name
-NODES=(node1 node2)
+NODES=()
+for ((i = 1; i <= NODE_COUNT; i++)); do
+    NODES+=("node$i")
+done
+# node_port N: the port of `slurmd -N nodeN`.
+node_port() { echo $((PORT_BASE + 2 + $1)); }
+# Slurm's host list of every node: node1 or node[1-4].
+if (( NODE_COUNT == 1 )); then NODE_RANGE=node1; else NODE_RANGE="node[1-$NODE_COUNT]"; fi
 
 RUN=$LOCAL/run  # pid files
 LOG=$LOCAL/log

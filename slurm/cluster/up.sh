@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Start a real Slurm 22.05 cluster on this machine: munge, MariaDB + slurmdbd, slurmctld and two
-# slurmd "nodes" (node1, node2; 16 pretended CPUs and 8 fake GPUs each), all under .slurm-local/.
-# Idempotent: whatever already runs is kept; returns once both nodes answer, or fails with log tails.
+# Start a real Slurm 22.05 cluster on this machine: munge, MariaDB + slurmdbd, slurmctld and four
+# slurmd "nodes" (node1..node4; 16 pretended CPUs and 8 fake GPUs each), all under .slurm-local/.
+# Idempotent: whatever already runs is kept (a node whose slurmd was killed is started again);
+# returns once every node answers, or fails with log tails.
 # Then `source .slurm-local/env` to use sinfo, sbatch, sacct... Stop and wipe it with down.sh.
 # Needs root (daemons, apt-get, /etc/hosts). Why each setting is what it is: the comments below and in slurm.conf.in.
-# Environment: SENET_SLURM_PORT_BASE (default 16817; 5 ports from there, see common.sh),
-# SENET_SLURM_DIR (default .slurm-local), SENET_SLURM_TIMEOUT (60 s), SENET_SLURM_GRACE_TIME (10 s).
+# Environment: SENET_SLURM_NODES (default 4), SENET_SLURM_PORT_BASE (default 16817; 3 + nodes ports from
+# there, see common.sh), SENET_SLURM_DIR (default .slurm-local), SENET_SLURM_TIMEOUT (60 s),
+# SENET_SLURM_GRACE_TIME (10 s).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -96,13 +98,24 @@ start_munge() {
     wait_for "$READY_TIMEOUT" "munged answering" munge_works
 }
 
-# render TEMPLATE OUT: replace @NAME@ with $NAME for each name used below.
+# node_lines: one NodeName line per node, each slurmd on its own port.
+node_lines() {
+    local i
+    for ((i = 1; i <= NODE_COUNT; i++)); do
+        echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(node_port "$i") CPUs=16 Boards=1" \
+             "SocketsPerBoard=1 CoresPerSocket=16 ThreadsPerCore=1 RealMemory=16000 Gres=gpu:8 State=UNKNOWN"
+    done
+}
+
+# render TEMPLATE OUT: replace @NAME@ with $NAME for each name used below, and the line @NODE_LINES@
+# with one line per node.
 render() {
     local name args=()
-    for name in CLUSTER CTLD_HOST CTLD_PORT NODE1_PORT NODE2_PORT DBD_PORT DB_PORT DB_PASS LOCAL GRACE_TIME; do
+    for name in CLUSTER CTLD_HOST CTLD_PORT DBD_PORT DB_PORT DB_PASS LOCAL GRACE_TIME NODE_COUNT NODE_RANGE; do
         args+=(-e "s|@$name@|${!name}|g")
     done
-    sed "${args[@]}" "$(dirname "${BASH_SOURCE[0]}")/$1" >"$2"
+    sed "${args[@]}" "$(dirname "${BASH_SOURCE[0]}")/$1" |
+        awk -v nodes="$(node_lines)" '$0 == "@NODE_LINES@" { print nodes; next } { print }' >"$2"
 }
 
 any_daemon_alive() {
@@ -255,7 +268,8 @@ main() {
         start_slurmd "$n"
     done
     wait_for_nodes
-    log "up in $((SECONDS - start))s: cluster $CLUSTER, nodes ${NODES[*]}, partitions debug (default) and urgent"
+    log "up in $((SECONDS - start))s: cluster $CLUSTER, nodes ${NODES[*]}, partitions debug (default, requeued" \
+        "on preemption), cancel (cancelled on preemption) and urgent (preempts both)"
     log "source $LOCAL/env to use it"
 }
 
