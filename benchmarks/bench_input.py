@@ -29,7 +29,10 @@ from pipeline.bench import (STAGES, BenchSpec, baseline_batches, images_per_seco
                             stage_batches)
 from pipeline.datasets import index_train
 from pipeline.synthetic import JPEG_QUALITY, MAX_CLASSES, class_looks, encode, render
-from training.placement import place
+from training.config import load_config
+from training.inputs import train_input
+from training.placement import place_run
+from training.ranks import DistInfo
 
 SIZES = ((500, 375), (375, 500))  # ImageNet's most common landscape and portrait shapes
 PREFETCHED = 4  # batches a contender may hold ready when its turn comes (interleaved mode)
@@ -86,9 +89,9 @@ def main() -> None:
     args = p.parse_args()
 
     index = index_train(make_imagenet_like(Path(args.data), args.classes, args.per_class))
-    here = place(args.device, threads=args.threads, py_workers=args.py_workers)
-    spec = BenchSpec(device=args.device, device_id=here.gpu_index, batch_size=args.batch_size, threads=here.dali_threads,
-                     py_workers=args.py_workers, batches=args.batches)
+    cfg = load_config(None, [f"train.device={args.device}", f"train.batch_size={args.batch_size}",
+                             f"data.threads={args.threads}", f"data.py_workers={args.py_workers}", "data.layout=NCHW"])
+    spec = BenchSpec(input=train_input(cfg, place_run(cfg, DistInfo())), batches=args.batches)
     if args.interleave:
         interleaved(index, spec, args.interleave, args.json)
         return
@@ -110,7 +113,7 @@ def main() -> None:
         ratios["full / baseline"] = [f / b for f, b in zip(runs["full"], runs["baseline"])]
         ratios["CPU: baseline / full"] = [b / f for f, b in zip(cpu["full"], cpu["baseline"])]
     result = {"machine": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "images": len(index),
-              "spec": asdict(spec), "runs": runs, "cpu_ms_per_image": cpu, "ratios": ratios,
+              "spec": asdict(spec.input), "runs": runs, "cpu_ms_per_image": cpu, "ratios": ratios,
               "median": {k: statistics.median(v) for k, v in runs.items()},
               "median_cpu_ms_per_image": {k: statistics.median(v) for k, v in cpu.items()},
               "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}
@@ -145,7 +148,8 @@ def interleaved(index, spec: BenchSpec, chunk: int, json_path: str | None) -> No
     cpu_ms = {n: statistics.median(cpu[n]) for n in names}
     cycles = {"full / crop_flip": [c / f for f, c in zip(wall["full"], wall["crop_flip"])],
               "full / baseline": [b / f for f, b in zip(wall["full"], wall["baseline"])]}
-    result = {"machine": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "images": len(index), "spec": asdict(spec),
+    result = {"machine": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "images": len(index),
+              "spec": asdict(spec.input),
               "chunk_batches": chunk, "batches_each": images // spec.batch_size, "images_per_s": rate,
               "cpu_ms_per_image": cpu_ms, "ratio": {"full / crop_flip": rate["full"] / rate["crop_flip"],
                                                     "full / baseline": rate["full"] / rate["baseline"]},

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_input import cpu_model  # noqa: E402
-from benchmarks.gpu_check import photo_tree  # noqa: E402
+from benchmarks.gpu_sections import photo_tree  # noqa: E402
 
 
 def markdown(report: dict, machine: str, load: tuple[list[float], list[float]], command: list[str]) -> str:

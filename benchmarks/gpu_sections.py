@@ -262,16 +262,21 @@ def section_tests(device: str, out: Path, profile: Profile, deadline: float, emi
     return result
 
 
-def _bench_spec(device: str, profile: Profile, **kw: Any):
+def _bench_spec(device: str, profile: Profile, **data: Any):
+    """The placement and bench spec of a training config with the profile's input (and `data.*` overrides)."""
     from pipeline.bench import BenchSpec
-    from training.placement import place
+    from training.config import load_config
+    from training.inputs import train_input
+    from training.placement import place_run
+    from training.ranks import DistInfo
 
-    here = place(device, py_workers=profile.py_workers)
     # The batch layout training feeds a channels_last model on a GPU (data.layout auto): NHWC.
-    return here, BenchSpec(device=device, device_id=here.gpu_index, batch_size=profile.input_batch,
-                           threads=here.dali_threads, py_workers=profile.py_workers, batches=profile.input_batches,
-                           warmup=profile.input_warmup, crop_size=profile.crop,
-                           layout="NHWC" if device == "gpu" else "NCHW", **kw)
+    cfg = load_config(None, [f"train.device={device}", f"train.batch_size={profile.input_batch}",
+                             f"data.py_workers={profile.py_workers}", f"data.crop_size={profile.crop}",
+                             f"data.layout={'NHWC' if device == 'gpu' else 'NCHW'}",
+                             *(f"data.{key}={value}" for key, value in data.items())])
+    here = place_run(cfg, DistInfo())
+    return here, BenchSpec(input=train_input(cfg, here), batches=profile.input_batches, warmup=profile.input_warmup)
 
 
 def section_input(device: str, out: Path, profile: Profile, deadline: float, emit: Emit) -> dict:
@@ -283,13 +288,15 @@ def section_input(device: str, out: Path, profile: Profile, deadline: float, emi
 
     index = index_train(photo_tree(out / "photos", profile.photos, profile.photo_classes))
     here, spec = _bench_spec(device, profile)
-    shm = input_shm_bytes(here, spec.batch_size, mean_file_bytes(index.root, index.files), spec.prefetch, pipelines=1)
-    decoder = decoder_options(device, here.dali_threads, spec.hw_decoder_load)
+    shm = input_shm_bytes(here, spec.batch_size, mean_file_bytes(index.root, index.files), spec.runtime.prefetch,
+                          pipelines=1)
+    decoder = decoder_options(device, here.dali_threads, spec.runtime.hw_decoder_load)
     check_node(here, shm_needed=shm, pinned_needed=pinned_decoder_bytes(decoder, here.dali_threads))
     result: dict[str, Any] = {"input": {}, "input_cpu_ms_per_image": {},
                               "input_setup": {"placement": here.describe(), "batch_size": spec.batch_size,
-                                              "batches": spec.batches, "images": len(index), "dtype": spec.dtype,
-                                              "layout": spec.layout, "shm_needed_mib": round(shm / 2**20)}}
+                                              "batches": spec.batches, "images": len(index),
+                                              "dtype": spec.input.dtype, "layout": spec.input.layout,
+                                              "shm_needed_mib": round(shm / 2**20)}}
     for stage in STAGES:
         rate = measure_stage(index, stage, spec)
         result["input"][stage] = rate.images_per_s
@@ -388,7 +395,6 @@ def section_train_predict(device: str, out: Path, profile: Profile, deadline: fl
 
     from pipeline.devkit import load_devkit, read_ground_truth
     from training.metrics import read_metrics
-    from training.placement import place
     from training.predict import image_index, predict
     from training.submission import score, top_ids
 
@@ -414,10 +420,9 @@ def section_train_predict(device: str, out: Path, profile: Profile, deadline: fl
     kit = load_devkit(tree / "ILSVRC2012_devkit_t12")
     truth = np.asarray(read_ground_truth(kit.path / "data" / "ILSVRC2012_validation_ground_truth.txt"))
     images = image_index(tree / "val")
-    here = place(device)
     for ten_crop in (False, True):
         t0 = time.perf_counter()
-        scores = predict(run / "checkpoints" / "best.pt", images, kit, here, ten_crop=ten_crop, batch_size=batch,
+        scores = predict(run / "checkpoints" / "best.pt", images, kit, device, ten_crop=ten_crop, batch_size=batch,
                          exclude=frozenset(), parts=out / "predict.parts")
         seconds = time.perf_counter() - t0
         graded = score(top_ids(scores.probs).tolist(), truth)

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, draw, draws
-from pipeline.dali import (HW_DECODER_LOAD, PARAMS, TrainSource, decode_region, decoder_options, normalize,
-                           source_depth, unpack_params)
+from pipeline.augment import AugmentSpec, draw, draws
+from pipeline.dali import (PARAMS, TrainSource, decode_region, decoder_options, normalize, pipeline_args, source_args,
+                           unpack_params)
 from pipeline.datasets import ImageIndex
+from pipeline.input_spec import CropSchedule, Runtime, TrainInput
 from pipeline.loader import TrainLoader, endless
-from pipeline.processes import DaliProcesses, proc_stat, start_method
+from pipeline.processes import DaliProcesses, proc_stat
 from pipeline.sampling import ClassAwareSampler
 
 STAGES = ("read", "decode", "crop_flip", "full")
@@ -47,21 +48,31 @@ log = logging.getLogger("senet.bench")
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """What to measure: batches after warm-up batches, on 'cpu' or 'gpu' (CUDA ordinal `device_id`)."""
+    """What to measure: `batches` after `warmup` batches of the training input `input` (its epoch-0 size;
+    `at_size` gives another), produced as its runtime says."""
 
-    device: str = "cpu"
-    device_id: int | None = None
-    batch_size: int = 64
-    threads: int = 2
-    py_workers: int = 2
+    input: TrainInput
     batches: int = 100
     warmup: int = 5
-    crop_size: int = 224
-    dtype: str = "float16"
-    layout: str = "NCHW"
-    seed: int = 0
-    hw_decoder_load: float = HW_DECODER_LOAD
-    prefetch: int = 2
+
+    @property
+    def batch_size(self) -> int:
+        return self.input.batch_size
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.input.runtime
+
+    @property
+    def crop_size(self) -> int:
+        return self.input.crop_size(0)
+
+    def at_size(self, crop_size: int) -> BenchSpec:
+        """The same measurement with every batch at `crop_size`."""
+        return replace(self, input=replace(self.input, crop=CropSchedule(crop_size)))
+
+    def with_runtime(self, **changes: Any) -> BenchSpec:
+        return replace(self, input=self.input.with_runtime(**changes))
 
 
 @dataclass(frozen=True)
@@ -123,16 +134,15 @@ class NaiveSource:
 
 
 @pipeline_def
-def stage_pipeline(source: Any, stage: str, decoder: dict[str, Any], crop_size: int, dtype: str, layout: str,
-                   parallel: bool, source_prefetch: int):
-    """The graph of one bench stage (read, decode, decode_region, crop_flip or naive)."""
-    ahead = {"prefetch_queue_depth": source_prefetch} if parallel else {}
+def stage_pipeline(source: Any, stage: str, spec: TrainInput):
+    """The graph of one bench stage (read, decode, decode_region, crop_flip or naive), at the epoch-0 size."""
+    rt, crop_size, dtype, layout = spec.runtime, spec.crop_size(0), spec.dtype, spec.layout
+    decoder = decoder_options(rt.device, rt.threads, rt.hw_decoder_load)
     if stage == "read":
-        return tuple(fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True, parallel=parallel,
-                                        **ahead))
+        return tuple(fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True, **source_args(rt)))
     if stage == "naive":
         jpegs, params, factors = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
-                                                    parallel=parallel, **ahead)
+                                                    **source_args(rt))
         p = unpack_params(params)
         images = fn.resize(decode_region(jpegs, p, decoder), size=[crop_size, crop_size])
         images = fn.rotate(images, angle=factors[0], keep_size=True, fill_value=0)
@@ -142,7 +152,7 @@ def stage_pipeline(source: Any, stage: str, decoder: dict[str, Any], crop_size: 
     # Every source output stays a pipeline output: DALI 2.4 hangs on a parallel batch source whose outputs
     # it has pruned.
     jpegs, params, ids = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
-                                            parallel=parallel, **ahead)
+                                            **source_args(rt))
     if stage == "decode":
         return fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder), params, ids
     p = unpack_params(params)
@@ -161,34 +171,25 @@ def _endless(run: DaliProcesses) -> Iterable[Any]:
 
 
 @contextlib.contextmanager
-def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Iterator[Iterator[Any]]:
+def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec) -> Iterator[Iterator[Any]]:
     """An endless iterator of one stage's batches (see the module docstring); closed on exit.
 
     Python workers start before the pipeline is built; once an earlier stage has initialised the CUDA
     driver they are spawned (`pipeline.processes.start_method`).
     """
     if stage == "full":
-        with TrainLoader(index, batch_size=spec.batch_size, rank=0, world_size=1, device=spec.device,
-                         device_id=spec.device_id, seed=spec.seed, sampling="class_aware", samples_per_epoch=None,
-                         aug=aug, crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, threads=spec.threads,
-                         py_workers=spec.py_workers, prefetch=spec.prefetch,
-                         hw_decoder_load=spec.hw_decoder_load) as loader:
+        with TrainLoader(index, spec.input) as loader:
             yield endless(loader)
         return
-    sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
+    sampler = ClassAwareSampler(index.labels, 1, 0, spec.input.seed)
     # The crop region and flip only (the same boxes as `full`: rotation and colour draw other uniforms).
-    flat = replace(aug, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    source: Any = TrainSource(str(index.root), index.files, index.labels, sampler, flat, spec.crop_size, spec.seed, 0,
-                              0, spec.batch_size, samples=index.samples)
+    flat = replace(spec.input.aug, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    source: Any = TrainSource(str(index.root), index.files, index.labels, sampler, replace(spec.input, aug=flat), 0, 0,
+                              samples=index.samples)
     if stage == "naive":
-        source = NaiveSource(source, aug)
-    pipe = stage_pipeline(source=source, stage=stage, decoder=decoder_options(spec.device, spec.threads, spec.hw_decoder_load),
-                          crop_size=spec.crop_size, dtype=spec.dtype, layout=spec.layout, parallel=spec.py_workers > 0,
-                          source_prefetch=source_depth(spec.prefetch, spec.py_workers), batch_size=spec.batch_size,
-                          num_threads=spec.threads, prefetch_queue_depth=spec.prefetch,
-                          device_id=spec.device_id if spec.device == "gpu" else None,
-                          py_num_workers=max(1, spec.py_workers), py_start_method=start_method())
-    run = DaliProcesses(pipe, spec.py_workers)
+        source = NaiveSource(source, spec.input.aug)
+    pipe = stage_pipeline(source=source, stage=stage, spec=spec.input, **pipeline_args(spec.batch_size, spec.runtime))
+    run = DaliProcesses(pipe, spec.runtime.py_workers)
     del pipe  # the DaliProcesses owns it
     try:
         yield iter(_endless(run))
@@ -196,21 +197,21 @@ def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSp
         run.close()
 
 
-def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
+def measure_stage(index: ImageIndex, stage: str, spec: BenchSpec) -> Rate:
     """Images per second of one stage (see the module docstring)."""
-    with stage_batches(index, stage, spec, aug) as batches:
-        return images_per_second(batches, spec.batches, spec.warmup, spec.batch_size, sync=spec.device == "gpu")
+    with stage_batches(index, stage, spec) as batches:
+        return images_per_second(batches, spec.batches, spec.warmup, spec.batch_size, sync=spec.runtime.device == "gpu")
 
 
 # ------------------------------------------------------------------------------- PIL baseline
 class PILTrainSet(torch.utils.data.Dataset):
-    """The full augmentation done the torchvision way with PIL and numpy (for the baseline)."""
+    """The full augmentation of a training spec done the torchvision way with PIL and numpy (for the baseline)."""
 
-    def __init__(self, index: ImageIndex, aug: AugmentSpec, crop_size: int, dtype: str, layout: str, seed: int) -> None:
-        self.index, self.aug, self.size, self.seed = index, aug, crop_size, seed
-        self.dtype, self.layout = np.dtype(dtype), layout
-        self.mean = np.asarray(IMAGENET_MEAN, np.float32)
-        self.inv_std = 1 / np.asarray(IMAGENET_STD, np.float32)
+    def __init__(self, index: ImageIndex, spec: TrainInput) -> None:
+        self.index, self.aug, self.size, self.seed = index, spec.aug, spec.crop_size(0), spec.seed
+        self.dtype, self.layout = np.dtype(spec.dtype), spec.layout
+        self.mean = np.asarray(spec.mean, np.float32)
+        self.inv_std = 1 / np.asarray(spec.std, np.float32)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -247,15 +248,15 @@ class PILTrainSet(torch.utils.data.Dataset):
 
 
 @contextlib.contextmanager
-def baseline_batches(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Iterator[Iterator[Any]]:
-    """An endless iterator of the PIL DataLoader's batches: spec.threads workers, class-aware sampling."""
-    sampler = ClassAwareSampler(index.labels, 1, 0, spec.seed)
-    data = PILTrainSet(index, aug, spec.crop_size, spec.dtype, spec.layout, spec.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.threads,
-                                         drop_last=True, persistent_workers=True, prefetch_factor=2,
-                                         pin_memory=spec.device == "gpu")
+def baseline_batches(index: ImageIndex, spec: BenchSpec) -> Iterator[Iterator[Any]]:
+    """An endless iterator of the PIL DataLoader's batches: as many workers as DALI threads, class-aware sampling."""
+    rt = spec.runtime
+    sampler = ClassAwareSampler(index.labels, 1, 0, spec.input.seed)
+    loader = torch.utils.data.DataLoader(PILTrainSet(index, spec.input), batch_size=spec.batch_size, sampler=sampler,
+                                         num_workers=rt.threads, drop_last=True, persistent_workers=True,
+                                         prefetch_factor=2, pin_memory=rt.device == "gpu")
 
-    device = torch.device("cuda", spec.device_id or 0) if spec.device == "gpu" else None
+    device = torch.device("cuda", rt.device_id or 0) if rt.device == "gpu" else None
     batches = endless(_EpochsOf(loader, sampler, device))
     try:
         yield batches
@@ -280,25 +281,26 @@ class _EpochsOf:
             yield images, labels
 
 
-def measure_baseline(index: ImageIndex, spec: BenchSpec, aug: AugmentSpec = AugmentSpec()) -> Rate:
-    """Images per second of the PIL DataLoader with spec.threads workers and class-aware sampling."""
-    with baseline_batches(index, spec, aug) as batches:
-        return images_per_second(batches, spec.batches, spec.warmup, spec.batch_size, sync=spec.device == "gpu")
+def measure_baseline(index: ImageIndex, spec: BenchSpec) -> Rate:
+    """Images per second of the PIL DataLoader with as many workers as DALI threads and class-aware sampling."""
+    with baseline_batches(index, spec) as batches:
+        return images_per_second(batches, spec.batches, spec.warmup, spec.batch_size, sync=spec.runtime.device == "gpu")
 
 
-def run_bench(index: ImageIndex, spec: BenchSpec, stages: Iterable[str] = STAGES, baseline: bool = False,
-              aug: AugmentSpec = AugmentSpec()) -> dict[str, Any]:
-    """All requested measurements, as `senet bench-input --json` writes them."""
-    result: dict[str, Any] = {"device": spec.device, "hw_decoder_load": spec.hw_decoder_load, "threads": spec.threads, "batch_size": spec.batch_size,
-                              "py_workers": spec.py_workers, "batches": spec.batches, "crop_size": spec.crop_size,
-                              "dtype": spec.dtype, "layout": spec.layout, "images": len(index), "stages": {},
-                              "baseline": {}, "cpu_ms_per_image": {}}
+def run_bench(index: ImageIndex, spec: BenchSpec, stages: Iterable[str] = STAGES, baseline: bool = False) -> dict[str, Any]:
+    """All requested measurements at the spec's epoch-0 crop size, as `senet bench-input --json` writes them."""
+    rt = spec.runtime
+    result: dict[str, Any] = {"device": rt.device, "hw_decoder_load": rt.hw_decoder_load, "threads": rt.threads,
+                              "batch_size": spec.batch_size, "py_workers": rt.py_workers, "prefetch": rt.prefetch,
+                              "batches": spec.batches, "crop_size": spec.crop_size, "dtype": spec.input.dtype,
+                              "layout": spec.input.layout, "images": len(index), "stages": {}, "baseline": {},
+                              "cpu_ms_per_image": {}}
     for stage in stages:
-        rate = measure_stage(index, stage, spec, aug)
+        rate = measure_stage(index, stage, spec)
         result["stages"][stage] = rate.images_per_s
         result["cpu_ms_per_image"][stage] = rate.cpu_ms_per_image
     if baseline:
-        rate = measure_baseline(index, spec, aug)
+        rate = measure_baseline(index, spec)
         result["baseline"]["full"] = rate.images_per_s
         result["cpu_ms_per_image"]["baseline"] = rate.cpu_ms_per_image
     stages_done = result["stages"]

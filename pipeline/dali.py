@@ -9,7 +9,12 @@ slices that row into per-sample arguments and only executes them:
 
     bytes -> decode only the needed region (image_slice) -> [antialiased resize, only for the few
     samples the warp would shrink by > 2x] -> ONE warp_affine (crop + scale + rotate + flip) to
-    float HWC;  per sample also the colour matrix [M | t0 | v] (3 x 5) and the label
+    float HWC of the sample's output size;  per sample also the colour matrix [M | t0 | v] (3 x 5)
+    and the label
+
+Everything the source and the graph need to know comes from one spec (`pipeline.input_spec`): the
+output size of an epoch (`TrainInput.crop_size`) is drawn into each sample's row beside its warp
+matrix, so a size that changes per epoch (progressive resizing) needs no other graph.
 
 and the loader applies brightness, contrast, saturation, hue, the normalisation, the layout and the
 dtype as ONE batched matrix product after the iterator (pipeline.loader.apply_colour). On the GPU the
@@ -38,14 +43,11 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, colour_params, draws, warp_geometries
-from pipeline.processes import die_with_parent
+from pipeline.input_spec import HW_DECODER_LOAD, EvalInput, Runtime, TrainInput
+from pipeline.processes import die_with_parent, start_method
 
 DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
-# Share of the JPEGs given to the hardware decoder (A100, H100, H200 and their kin have one; DALI
-# ignores the value elsewhere). 0.65 is DALI's default and NVIDIA's ResNet-50 example's choice: the
-# rest keeps the CPU threads' hybrid decoding busy too.
-HW_DECODER_LOAD = 0.65
 # nvJPEG preallocates, per decoder thread, two pinned host buffers (double buffering) and one device
 # buffer of these paddings. A rank has two decoding pipelines (train and eval): their pinned memory
 # stays within PINNED_BUDGET (8 threads of a 10-core task: 2 x 2 x 8 x 32 MiB = 1 GiB; NVIDIA's
@@ -59,9 +61,10 @@ DEVICE_PADDING_RANGE = (16 << 20, 201 << 20)
 
 # Columns of the per-sample float32 row that TrainSource packs and `unpack_params` slices in the graph.
 # Integers below 2**24 (pixel coordinates) are exact in float32.
+# out_size: the warp's output side (h, w) of the sample's epoch (`TrainInput.crop_size`), drawn with its matrix.
 PARAMS = {"anchor": (0, 2), "shape": (2, 4), "prescale": (4, 5), "pre_size": (5, 7), "matrix": (7, 13),
-          "colour": (13, 28), "size": (28, 30), "flip": (30, 31)}
-PARAM_COLUMNS = 31
+          "colour": (13, 28), "size": (28, 30), "flip": (30, 31), "out_size": (31, 33)}
+PARAM_COLUMNS = 33
 # Columns of the per-sample int64 row of both sources.
 # replaced: the bad file's dataset index, else -1; read_ns: nanoseconds the source spent reading the sample's
 # bytes (in a Python worker, or in the loader's process without workers): what the stall alarm calls file reads.
@@ -133,28 +136,32 @@ class TrainSource:
     """Batch callback of the training graph (runs in DALI's Python workers; picklable).
 
     Batch `iteration` of DALI epoch j holds this rank's samples ``k = iteration * batch_size + (start
-    if j == 0) ...`` of epoch ``first_epoch + j``, at global positions ``sampler.global_positions()[k]``.
-    Returns the JPEG bytes, the (B, PARAM_COLUMNS) float32 rows and the (B, 4) int64 `TRAIN_IDS` rows.
+    if j == 0) ...`` of epoch ``first_epoch + j``, at global positions ``sampler.global_positions()[k]``,
+    drawn for that epoch's crop size (`TrainInput.crop_size`). Returns the JPEG bytes, the (B,
+    PARAM_COLUMNS) float32 rows and the (B, 4) int64 `TRAIN_IDS` rows.
     """
 
     root: str
     files: Sequence[str]
     labels: np.ndarray
     sampler: Any  # pipeline.sampling sampler (pure: rank_indices(epoch), global_positions(start, stop))
-    aug: AugmentSpec
-    crop_size: int
-    seed: int
+    spec: TrainInput  # batch size, seed, augmentation, crop size per epoch, normalisation
     first_epoch: int
     start: int
-    batch_size: int
     bad: frozenset = frozenset()  # dataset indices known to be undecodable
     owner_pid: int = 0  # the loader's process; a worker is any other
-    mean: tuple[float, ...] = IMAGENET_MEAN  # the normalisation folded into each sample's colour matrix
-    std: tuple[float, ...] = IMAGENET_STD
     samples: Any = None  # a pack's PackedSamples: bytes by offset and sizes from its index; else files
 
     def __post_init__(self) -> None:
         self.owner_pid = self.owner_pid or os.getpid()
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
 
     def epoch_batches(self, dali_epoch: int) -> int:
         """Whole batches of this rank in DALI epoch j, from the start point."""
@@ -178,8 +185,9 @@ class TrainSource:
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
             if used != index:
                 replaced[j] = index
-        params = sample_params(self.aug, self.seed, epoch, positions, sizes[:, 0], sizes[:, 1], self.crop_size,
-                               self.mean, self.std)
+        spec = self.spec
+        params = sample_params(spec.aug, spec.seed, epoch, positions, sizes[:, 0], sizes[:, 1], spec.crop_size(epoch),
+                               spec.mean, spec.std)
         return jpegs, params, np.stack([self.labels[indices], replaced, positions, read_ns], axis=1)
 
     def _read(self, index: int, epoch: int, position: int) -> tuple[bytes, tuple[int, int], int]:
@@ -210,14 +218,15 @@ class TrainSource:
 def sample_params(aug: AugmentSpec, seed: int, epoch: int, positions: np.ndarray, widths: np.ndarray,
                   heights: np.ndarray, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                   std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """Each sample's augmentation as one float32 row of `PARAMS` columns (draws, warp geometry, colour)."""
+    """Each sample's augmentation as one float32 row of `PARAMS` columns (draws, warp geometry for an output of
+    `crop_size`, colour)."""
     d = draws(aug, seed, epoch, positions, widths, heights)
     g = warp_geometries(d, widths, heights, crop_size)
     rows = np.empty((len(positions), PARAM_COLUMNS), np.float32)
     parts = {"anchor": g["anchor"], "shape": g["shape"], "prescale": g["prescale"][:, None],
              "pre_size": g["pre_size"], "matrix": g["matrix"].reshape(-1, 6),
              "colour": colour_params(d, mean, std).reshape(-1, 15), "size": np.stack([widths, heights], axis=1),
-             "flip": d.flip[:, None]}
+             "flip": d.flip[:, None], "out_size": np.full((len(positions), 2), crop_size)}
     for name, (lo, hi) in PARAMS.items():
         rows[:, lo:hi] = parts[name]
     return rows
@@ -278,7 +287,7 @@ def unpack_params(params: Any) -> dict[str, Any]:
     return {"anchor": fn.cast(col["anchor"], dtype=types.INT32), "shape": fn.cast(col["shape"], dtype=types.INT32),
             "prescale": params[PARAMS["prescale"][0]] > 0.5, "pre_size": col["pre_size"],
             "matrix": fn.reshape(col["matrix"], shape=[2, 3]), "colour": fn.reshape(col["colour"], shape=[3, 5]),
-            "mirror": fn.cast(params[PARAMS["flip"][0]], dtype=types.INT32)}
+            "mirror": fn.cast(params[PARAMS["flip"][0]], dtype=types.INT32), "out_size": col["out_size"]}
 
 
 def decode_region(jpegs: Any, p: dict[str, Any], decoder: dict[str, Any]) -> Any:
@@ -306,42 +315,55 @@ def source_depth(prefetch: int, py_workers: int) -> int:
     return max(prefetch, py_workers, 1)
 
 
+def source_args(runtime: Runtime) -> dict[str, Any]:
+    """external_source's arguments for `runtime`: parallel with workers, and as many batches ahead as keep
+    them busy (DALI's default is one: one busy worker; only parallel sources take the depth)."""
+    if runtime.py_workers == 0:
+        return {"parallel": False}
+    return {"parallel": True, "prefetch_queue_depth": source_depth(runtime.prefetch, runtime.py_workers)}
+
+
+def pipeline_args(batch_size: int, runtime: Runtime) -> dict[str, Any]:
+    """The @pipeline_def arguments of a graph producing `batch_size` samples per batch as `runtime` says."""
+    return {"batch_size": batch_size, "num_threads": runtime.threads, "prefetch_queue_depth": runtime.prefetch,
+            "device_id": runtime.device_id if runtime.device == "gpu" else None,
+            "py_num_workers": max(1, runtime.py_workers), "py_start_method": start_method()}
+
+
 # ------------------------------------------------------------------------------------ graphs
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source: TrainSource, decoder: dict[str, Any], crop_size: int, parallel: bool, device: str,
-                   source_prefetch: int):
-    """Training graph: warped float HWC images, labels and colour matrices (on `device`), and the ids rows (CPU)."""
-    ahead = {"prefetch_queue_depth": source_prefetch} if parallel else {}  # only parallel sources take it
+def train_pipeline(source: TrainSource, runtime: Runtime):
+    """Training graph: warped float HWC images, labels and colour matrices (on the runtime's device), and the
+    ids rows (CPU). Every size and draw comes from the source's spec, per sample."""
     jpegs, params, ids = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
-                                            parallel=parallel, **ahead)
+                                            **source_args(runtime))
     p = unpack_params(params)
-    images = decode_region(jpegs, p, decoder)
+    images = decode_region(jpegs, p, decoder_options(runtime.device, runtime.threads, runtime.hw_decoder_load))
     if p["prescale"]:  # only the samples the warp would shrink by > 2x: antialias them first
         images = fn.resize(images, size=p["pre_size"], antialias=True)
     # Crop + scale + rotation + flip in one bilinear pass; float output and clamped borders are the
-    # fast path of the CPU kernel.
-    images = fn.warp_affine(images, matrix=p["matrix"], size=[crop_size, crop_size], dtype=types.FLOAT)
-    return images, on(device, ids[0]), on(device, p["colour"]), ids
+    # fast path of the CPU kernel. The output size is the sample's own argument, drawn with its matrix:
+    # an epoch of another size needs no other graph.
+    images = fn.warp_affine(images, matrix=p["matrix"], size=p["out_size"], dtype=types.FLOAT)
+    return images, on(runtime.device, ids[0]), on(runtime.device, p["colour"]), ids
 
 
 @pipeline_def
-def eval_pipeline(source: EvalSource, decoder: dict[str, Any], crop_size: int, crop_ratio: float, ten_crop: bool,
-                  dtype: str, layout: str, parallel: bool, device: str, source_prefetch: int = 1,
-                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-    """Eval graph: short side to crop/ratio, centre crop or ten crops; outputs images and labels (on
-    `device`) and the ids rows (CPU)."""
-    # A parallel source computes `source_prefetch` batches ahead (DALI's default is one: one busy worker).
-    ahead = {"prefetch_queue_depth": source_prefetch} if parallel else {}
-    jpegs, ids = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, parallel=parallel,
-                                    **ahead)
-    images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
-    images = fn.resize(images, resize_shorter=float(round(crop_size / crop_ratio)), antialias=True)
-    crop = dict(crop=[crop_size, crop_size])
-    if not ten_crop:
+def eval_pipeline(source: EvalSource, spec: EvalInput):
+    """Eval graph: short side to crop/ratio, centre crop or ten crops; outputs images and labels (on the
+    runtime's device) and the ids rows (CPU)."""
+    rt = spec.runtime
+    jpegs, ids = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, **source_args(rt))
+    images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False,
+                               **decoder_options(rt.device, rt.threads, rt.hw_decoder_load))
+    images = fn.resize(images, resize_shorter=float(spec.resize_shorter), antialias=True)
+    crop = dict(crop=[spec.crop_size, spec.crop_size])
+    dtype, layout, mean, std = spec.dtype, spec.layout, spec.mean, spec.std
+    if not spec.ten_crop:
         images = normalize(images, dtype, layout, mean, std, crop_pos_x=0.5, crop_pos_y=0.5, **crop)
     else:  # 4 corners + centre, then the same mirrored: (10, C, H, W) per sample
         spots = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
         crops = [normalize(images, dtype, layout, mean, std, crop_pos_x=x, crop_pos_y=y, mirror=m, **crop)
                  for m in (0, 1) for x, y in spots]
         images = fn.stack(*crops, axis=0)
-    return images, on(device, ids[0]), ids
+    return images, on(rt.device, ids[0]), ids

@@ -28,16 +28,16 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import torch
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, LUMA, AugmentSpec
-from pipeline.dali import (HW_DECODER_LOAD, EvalSource, TrainSource, decoder_options, eval_pipeline, source_depth,
-                           train_pipeline)
+from pipeline.augment import LUMA, AugmentSpec
+from pipeline.dali import EvalSource, TrainSource, eval_pipeline, pipeline_args, source_depth, train_pipeline
 from pipeline.datasets import ImageIndex
-from pipeline.processes import DaliProcesses, start_method
+from pipeline.input_spec import EvalInput, Runtime, TrainInput
+from pipeline.processes import DaliProcesses
 from pipeline.sampling import ClassAwareSampler, ShuffleSampler
 
 log = logging.getLogger("senet.input")
@@ -67,21 +67,9 @@ class InputTimes:
     startup_s: float = 0.0
 
 
-def _check_choice(name: str, value: Any, choices: Any) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is invalid; use one of {sorted(choices)}")
-
-
-def _check_device(device: str, device_id: int | None, threads: int) -> torch.device:
-    """The torch device of a loader; 'gpu' needs the CUDA ordinal (the placement's GPU index)."""
-    _check_choice("device", device, {"cpu", "gpu"})
-    if threads < 1:
-        raise ValueError(f"threads={threads} must be >= 1")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device_id is None or device_id < 0:
-        raise ValueError(f"device='gpu' needs device_id (a CUDA ordinal), got {device_id!r}")
-    return torch.device("cuda", device_id)
+def _torch_device(runtime: Runtime) -> torch.device:
+    """The torch device a loader's batches land on: the runtime's GPU, or the CPU."""
+    return torch.device("cuda", runtime.device_id) if runtime.device == "gpu" else torch.device("cpu")
 
 
 _LUMA: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -207,51 +195,31 @@ class TrainLoader(_Closing):
 
     Args:
         index: training images; files in `exclude` are dropped before sampling.
-        batch_size: images per rank and step.
+        spec: what the batches hold (`pipeline.input_spec.TrainInput`: batch size per rank, seed, sampling,
+            samples per epoch, augmentation, the crop size of each epoch, normalisation, dtype, layout) and
+            how they are produced (its `runtime`: device, threads, Python workers, prefetch, decoder).
         rank, world_size: global rank and world size (shards are interleaved, pipeline.sampling).
-        device: 'gpu' (mixed decode, GPU ops, CUDA tensors) or 'cpu' (all-CPU DALI, CPU tensors).
-        device_id: the CUDA ordinal of this process's GPU for device='gpu' (ignored on 'cpu').
-        seed: run seed: sample order and augmentation draws.
-        sampling: 'class_aware' (Relay-BP) or 'shuffle'.
-        samples_per_epoch: global samples per epoch; None = the data set's size.
-        aug: augmentation ranges.
-        crop_size: output side in pixels.
-        dtype: 'float16' or 'float32'; layout: 'NCHW' or 'NHWC' (the tensor's shape is in that order).
-        threads: DALI CPU threads (this rank's CPU share less its Python workers).
-        py_workers: processes reading files and drawing parameters (0: in this process).
-        prefetch: batches DALI prepares ahead.
-        hw_decoder_load: share of JPEGs for the GPU's hardware decoder (where it has one).
-        mean, std: the normalisation (RGB, 0-255 scale).
         exclude: root-relative paths never to read (check-data's exclusion list).
 
-    Iterating yields (images, labels): images (B, C, H, W) or (B, H, W, C) normalised, labels int64,
-    both on the loader's device. `take_timings()` says where the host time of the batches since its last
-    call went (`InputTimes`: the stall alarm's and `bench-train`'s breakdown), from host clocks only.
+    Iterating yields (images, labels): images (B, C, S, S) or (B, S, S, C) normalised, S =
+    `spec.crop_size(epoch)`, labels int64, both on the loader's device. `take_timings()` says where the
+    host time of the batches since its last call went (`InputTimes`: the stall alarm's and
+    `bench-train`'s breakdown), from host clocks only.
     """
 
-    def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
-                 device_id: int | None = None, seed: int, sampling: str, samples_per_epoch: int | None,
-                 aug: AugmentSpec, crop_size: int, dtype: str, layout: str, threads: int, py_workers: int,
-                 prefetch: int, hw_decoder_load: float = HW_DECODER_LOAD, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, exclude: set[str] | frozenset[str] = frozenset()) -> None:
-        self.device = _check_device(device, device_id, threads)
-        _check_choice("sampling", sampling, SAMPLERS)
-        _check_choice("dtype", dtype, TORCH_DTYPES)
-        _check_choice("layout", layout, {"NCHW", "NHWC"})
-        if batch_size < 1 or crop_size < 1 or prefetch < 1 or py_workers < 0:
-            raise ValueError(f"batch_size={batch_size}, crop_size={crop_size}, prefetch={prefetch} must be >= 1 "
-                             f"and py_workers={py_workers} >= 0")
+    def __init__(self, index: ImageIndex, spec: TrainInput, *, rank: int = 0, world_size: int = 1,
+                 exclude: set[str] | frozenset[str] = frozenset()) -> None:
+        if spec.sampling not in SAMPLERS:
+            raise ValueError(f"sampling={spec.sampling!r} is invalid; use one of {sorted(SAMPLERS)}")
+        self.spec = spec
+        self.device = _torch_device(spec.runtime)
         self.index = index.without(exclude)
         if not len(self.index):
             raise ValueError(f"{index.root}: no training images left after excluding {len(exclude)} files")
-        self.sampler = SAMPLERS[sampling](self.index.labels, world_size, rank, seed, samples_per_epoch)
-        if len(self.sampler) < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds this rank's {len(self.sampler)} samples per epoch; "
+        self.sampler = SAMPLERS[spec.sampling](self.index.labels, world_size, rank, spec.seed, spec.samples_per_epoch)
+        if len(self.sampler) < spec.batch_size:
+            raise ValueError(f"batch_size={spec.batch_size} exceeds this rank's {len(self.sampler)} samples per epoch; "
                              f"use a smaller batch or more samples_per_epoch")
-        self.batch_size, self.seed, self.aug, self.crop_size = batch_size, seed, aug, crop_size
-        self.device_kind, self.dtype, self.layout, self.prefetch = device, dtype, layout, prefetch
-        self.threads, self.py_workers = threads, py_workers
-        self.mean, self.std = tuple(mean), tuple(std)
         self.stats: dict[str, Any] = {"replaced_samples": 0, "replaced_files": 0, "bad_files": [], "rebuilds": 0}
         self._bad: set[int] = set()
         self._epoch, self._start, self._consumed = 0, 0, 0
@@ -260,10 +228,18 @@ class TrainLoader(_Closing):
         self._run_next: tuple[int, int] | None = None  # (epoch, sample) the pipeline delivers next
         self._times = InputTimes()
         self._cold = True  # the next batch comes from a pipeline just built or reset
-        self._decoder = decoder_options(device, threads, hw_decoder_load)
         self._open(0, 0)  # workers start now, before the caller initialises CUDA
 
     # ------------------------------------------------------------------ public interface
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size
+
+    @property
+    def crop_size(self) -> int:
+        """The side of this epoch's images (`spec.crop_size(epoch)`): it changes only at an epoch boundary."""
+        return self.spec.crop_size(self._epoch)
+
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
         return len(self.sampler) // self.batch_size
@@ -321,16 +297,12 @@ class TrainLoader(_Closing):
     def _open(self, epoch: int, start: int) -> None:
         """(Re)build the pipeline so that it delivers (epoch, start) next."""
         self.close()
-        source = TrainSource(str(self.index.root), self.index.files, self.index.labels, self.sampler, self.aug,
-                             self.crop_size, self.seed, epoch, start, self.batch_size, frozenset(self._bad),
-                             mean=self.mean, std=self.std, samples=self.index.samples)
-        pipe = train_pipeline(
-            source=source, decoder=self._decoder, crop_size=self.crop_size, parallel=self.py_workers > 0,
-            device=self.device_kind, source_prefetch=source_depth(self.prefetch, self.py_workers),
-            batch_size=self.batch_size, num_threads=self.threads, prefetch_queue_depth=self.prefetch,
-            device_id=self.device.index if self.device.type == "cuda" else None, seed=self.seed,
-            py_num_workers=max(1, self.py_workers), py_start_method=start_method())
-        self._run = DaliProcesses(pipe, self.py_workers)
+        spec = self.spec
+        source = TrainSource(str(self.index.root), self.index.files, self.index.labels, self.sampler, spec, epoch,
+                             start, frozenset(self._bad), samples=self.index.samples)
+        pipe = train_pipeline(source=source, runtime=spec.runtime, seed=spec.seed,
+                              **pipeline_args(spec.batch_size, spec.runtime))
+        self._run = DaliProcesses(pipe, spec.runtime.py_workers)
         self._run_next = (epoch, start)
         self._cold = True
 
@@ -358,7 +330,7 @@ class TrainLoader(_Closing):
             self._work = torch.empty(images.numel(), dtype=torch.float32, device=images.device)
         t2 = time.perf_counter()
         with _one_torch_thread(images.device):
-            images = apply_colour(images, colour, TORCH_DTYPES[self.dtype], self.layout, self._work)
+            images = apply_colour(images, colour, TORCH_DTYPES[self.spec.dtype], self.spec.layout, self._work)
         t3 = time.perf_counter()
         times = self._times
         times.batches += 1
@@ -384,7 +356,8 @@ class TrainLoader(_Closing):
 
     def _find_bad_files(self, epoch: int, error: str) -> bool:
         """Decode the batches in flight with PIL; remember the failures. False when none fails."""
-        ahead = (source_depth(self.prefetch, self.py_workers) + self.prefetch + 2) * self.batch_size
+        rt = self.spec.runtime
+        ahead = (source_depth(rt.prefetch, rt.py_workers) + rt.prefetch + 2) * self.batch_size
         indices = self.sampler.rank_indices(epoch)[self._consumed:self._consumed + ahead].tolist()
         found = [i for i in dict.fromkeys(indices) if i not in self._bad and _undecodable(self.index, i)]
         for i in found:
@@ -410,44 +383,35 @@ class TrainLoader(_Closing):
 class EvalLoader(_Closing):
     """Eval batches: every file once over all ranks, in file order, contiguous shards, no padding.
 
+    Args:
+        index: the images (labels -1 for unlabelled sets).
+        spec: what the batches hold and how they are produced (`pipeline.input_spec.EvalInput`).
+        rank, world_size: this process's contiguous shard.
+        exclude: root-relative paths never to read (they get no row).
+
     Iterating yields (images, labels, positions): positions (on the host) index `index.files`; images
-    are (B, C, H, W) / (B, H, W, C), or (B, 10, C, H, W) / (B, 10, H, W, C) with ten_crop (4 corners
-    and the centre, then their mirrors); images and labels are on the loader's device. The last batch
-    may be short. Labels are -1 for unlabelled sets. Files that cannot be decoded come out as a blank
-    image and are counted in stats['bad_files']. `prefetch` works as TrainLoader's: batches DALI prepares
-    ahead, and the source computes as many ahead as keep every Python worker busy.
+    are (B, C, H, W) / (B, H, W, C), or (B, 10, C, H, W) / (B, 10, H, W, C) with `spec.ten_crop` (4
+    corners and the centre, then their mirrors); images and labels are on the loader's device. The last
+    batch may be short. Files that cannot be decoded come out as a blank image and are counted in
+    stats['bad_files']. The runtime's prefetch works as TrainLoader's: batches DALI prepares ahead, and
+    the source computes as many ahead as keep every Python worker busy.
     """
 
-    def __init__(self, index: ImageIndex, *, batch_size: int, rank: int, world_size: int, device: str,
-                 device_id: int | None = None, crop_size: int, crop_ratio: float = 0.875, ten_crop: bool = False,
-                 dtype: str = "float32", layout: str = "NCHW", threads: int = 1, py_workers: int = 0,
-                 prefetch: int = 2, hw_decoder_load: float = HW_DECODER_LOAD, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, exclude: set[str] | frozenset[str] = frozenset()) -> None:
-        self.device = _check_device(device, device_id, threads)
-        _check_choice("dtype", dtype, TORCH_DTYPES)
-        _check_choice("layout", layout, {"NCHW", "NHWC"})
+    def __init__(self, index: ImageIndex, spec: EvalInput, *, rank: int = 0, world_size: int = 1,
+                 exclude: set[str] | frozenset[str] = frozenset()) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is out of range for world_size={world_size}")
-        if not 0 < crop_ratio <= 1:
-            raise ValueError(f"crop_ratio={crop_ratio} is invalid; use a value in (0, 1], e.g. 0.875")
-        if batch_size < 1 or prefetch < 1 or py_workers < 0:
-            raise ValueError(f"batch_size={batch_size} and prefetch={prefetch} must be >= 1 and py_workers={py_workers} "
-                             f">= 0")
+        self.spec = spec
+        self.device = _torch_device(spec.runtime)
         keep = np.array([i for i, f in enumerate(index.files) if f not in exclude], dtype=np.int64)
         lo, hi = len(keep) * rank // world_size, len(keep) * (rank + 1) // world_size
-        self.index, self.batch_size, self.positions = index, batch_size, keep[lo:hi]
+        self.index, self.batch_size, self.positions = index, spec.batch_size, keep[lo:hi]
         self.stats: dict[str, Any] = {"bad_files": []}
-        source = EvalSource(str(index.root), index.files, np.asarray(index.labels), self.positions, batch_size,
+        source = EvalSource(str(index.root), index.files, np.asarray(index.labels), self.positions, spec.batch_size,
                             index.samples)
         self._batches = len(source)
-        pipe = eval_pipeline(
-            source=source, decoder=decoder_options(device, threads, hw_decoder_load), crop_size=crop_size,
-            crop_ratio=crop_ratio, ten_crop=ten_crop, dtype=dtype, layout=layout, parallel=py_workers > 0,
-            device=device, source_prefetch=source_depth(prefetch, py_workers), mean=tuple(mean), std=tuple(std),
-            batch_size=batch_size, num_threads=threads, prefetch_queue_depth=prefetch,
-            device_id=self.device.index if self.device.type == "cuda" else None, py_num_workers=max(1, py_workers),
-            py_start_method=start_method())
-        self._run: DaliProcesses | None = DaliProcesses(pipe, py_workers)
+        pipe = eval_pipeline(source=source, spec=spec, **pipeline_args(spec.batch_size, spec.runtime))
+        self._run: DaliProcesses | None = DaliProcesses(pipe, spec.runtime.py_workers)
         self._fresh = True
 
     def __len__(self) -> int:
@@ -506,6 +470,11 @@ class ResidentLoader(_Closing):
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def crop_size(self) -> int | None:
+        """None: resident tensors keep the shape they were given, whatever the epoch."""
+        return None
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:
             self._epoch, self._start = epoch, 0
@@ -543,4 +512,5 @@ def endless(loader: Any, epoch: int = 0) -> Iterator[Any]:
         epoch += 1
 
 
-__all__ = ["TrainLoader", "EvalLoader", "ResidentLoader", "AugmentSpec", "InputTimes", "apply_colour", "endless"]
+__all__ = ["TrainLoader", "EvalLoader", "ResidentLoader", "AugmentSpec", "TrainInput", "EvalInput", "Runtime", "InputTimes",
+           "apply_colour", "endless"]

@@ -183,8 +183,9 @@ def tune(default: InputSettings, cpus: int, measure: Callable[[InputSettings], f
 def full_stage(index: ImageIndex, spec: BenchSpec) -> Callable[[InputSettings], float]:
     """The real measurer: `bench-input`'s `full` stage of `spec` with a candidate's settings."""
     def measure(s: InputSettings) -> float:
-        hw = spec.hw_decoder_load if s.hw_decoder_load is None else s.hw_decoder_load
-        candidate = replace(spec, threads=s.threads, py_workers=s.py_workers, prefetch=s.prefetch, hw_decoder_load=hw)
+        hw = spec.runtime.hw_decoder_load if s.hw_decoder_load is None else s.hw_decoder_load
+        candidate = spec.with_runtime(threads=s.threads, py_workers=s.py_workers, prefetch=s.prefetch,
+                                      hw_decoder_load=hw)
         return measure_stage(index, "full", candidate).images_per_s
     return measure
 

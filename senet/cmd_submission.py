@@ -14,8 +14,10 @@ from training.submission import ensemble, load_scores, read_submission, score, t
 def cmd_predict(args: argparse.Namespace) -> int:
     from training.checkpoint import CheckpointError
 
-    if args.nproc < 1 or args.batch_size < 1:
-        raise UsageError(f"--nproc {args.nproc} and --batch-size {args.batch_size} must be at least 1")
+    if args.nproc < 1 or (args.batch_size is not None and args.batch_size < 1) or \
+            (args.crop_size is not None and args.crop_size < 1):
+        raise UsageError(f"--nproc {args.nproc}, --batch-size {args.batch_size} and --crop-size {args.crop_size} must "
+                         f"be at least 1")
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun, our launcher, or a Slurm task
     try:
         if args.nproc > 1 and not in_job:
@@ -30,7 +32,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_argv(args: argparse.Namespace) -> list[str]:
     """The command line of one predict rank."""
     argv = ["predict", args.checkpoint, args.images, "--devkit", args.devkit, "--out", args.out,
-            "--batch-size", str(args.batch_size), "--device", args.device, "--cache-dir", args.cache_dir]
+            "--device", args.device, "--cache-dir", args.cache_dir, "--weights", args.weights]
+    argv += ["--batch-size", str(args.batch_size)] if args.batch_size is not None else []
+    argv += ["--crop-size", str(args.crop_size)] if args.crop_size is not None else []
     argv += ["--ten-crop"] * args.ten_crop + (["--scores", args.scores] if args.scores else [])
     return argv + (["--exclude", args.exclude] if args.exclude else [])
 
@@ -40,25 +44,27 @@ def predict_here(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pipeline.datasets import load_exclusions, read_exclusions
-    from training.placement import place
     from training.predict import image_index, predict
     from training.submission import top_ids, write_submission
 
-    here = place(args.device)  # this rank's CPU share: N ranks never start N all-core DALI pools
     kit = load_devkit(args.devkit)
     images = image_index(args.images)
     folder = Path(args.images)
     listed = load_exclusions(folder.resolve().parent, args.cache_dir) | read_exclusions(args.exclude)
     exclude = frozenset(n for n in images.files if n in listed or f"{folder.name}/{n}" in listed)
-    scores = predict(args.checkpoint, images, kit, here, ten_crop=args.ten_crop, batch_size=args.batch_size,
-                     exclude=exclude, parts=Path(f"{args.out}.parts"))
+    # Each rank is placed as the checkpoint's training ranks were (its CPU share, threads, workers): N ranks
+    # never start N all-core DALI pools.
+    scores = predict(args.checkpoint, images, kit, args.device, ten_crop=args.ten_crop, batch_size=args.batch_size,
+                     exclude=exclude, parts=Path(f"{args.out}.parts"), crop_size=args.crop_size, weights=args.weights)
     if scores is None:  # not rank 0
         return 0
     write_submission(args.out, top_ids(scores.probs))
     if args.scores:
         np.save(args.scores, scores.probs)
     crops = "ten-crop" if args.ten_crop else "single-crop"
-    print(f"wrote {args.out}: {len(scores.names)} images ({crops}, {here.dist.world_size} process(es) on {here.device}), "
+    weights = "weight EMA" if scores.weights == "ema" else "raw weights"
+    print(f"wrote {args.out}: {len(scores.names)} images ({crops} at {scores.crop_size} px, {weights}, "
+          f"{scores.processes} process(es) on {args.device}), "
           f"{len(scores.excluded)} on the exclusion list given the class prior"
           + (f"; scores {args.scores} (images x {kit.num_classes}, column j = ILSVRC2012_ID j+1)" if args.scores else ""))
     return 0
@@ -100,7 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devkit", required=True, help="devkit folder (maps the model's classes to ILSVRC2012_IDs)")
     p.add_argument("--out", required=True, help="submission file to write")
     p.add_argument("--ten-crop", action="store_true", help="average 4 corner + centre crops and their mirrors")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch and process (default: the "
+                   "checkpoint's train.batch_size, the batches its validation used)")
+    p.add_argument("--crop-size", type=int, default=None, help="test resolution in pixels (default: the checkpoint's "
+                   "data.eval_crop_size, else its final training size; the short side goes to crop/data.eval_crop_ratio)")
+    p.add_argument("--weights", choices=("best", "raw", "ema"), default="best", help="which weights score: best = "
+                   "those the checkpoint's best_weights names (its weight EMA when that won the validation), raw, or ema")
     p.add_argument("--nproc", type=int, default=1, help="local processes, each scoring a contiguous shard")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--scores", help="also save the probabilities (.npy, images x classes, devkit-ID columns)")

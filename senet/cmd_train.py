@@ -84,7 +84,9 @@ def train_here(cfg: Config, out: Path, resume: str) -> int:
         raise
     if dist.is_main:
         how = "stopped at a requested checkpoint" if summary["stopped"] else "finished"
-        val = (f", val top-1 {summary['val_top1']:.4f} top-5 {summary['val_top5']:.4f} (best {summary['best_top1']:.4f})"
+        ema = f", weight EMA top-1 {summary['val_top1_ema']:.4f}" if "val_top1_ema" in summary else ""
+        best = f"best {summary['best_top1']:.4f}" + (", the EMA's" if summary.get("best_weights") == "ema" else "")
+        val = (f", val top-1 {summary['val_top1']:.4f} top-5 {summary['val_top5']:.4f}{ema} ({best})"
                if "val_top1" in summary else "")
         print(f"{how}: {summary['step']} steps, epoch {summary['epoch']}{val}; waited for data "
               f"{summary['data_wait_fraction']:.1%} of the training time; {summary['checkpoint']}")

@@ -37,8 +37,9 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     The demo recipe (configs/demo.yaml: se_resnext_tiny at 64 px, class-aware sampling, flip, rotation,
     colour jitter) on `senet make-synthetic`'s default images, 6 classes x 80, two gloo processes, 4
-    epochs. One test image is emptied first, so check-data's exclusion list has an entry for `predict`
-    to honour. Returns the data root, the cache folder (exclusion list), the run folder and the devkit.
+    epochs, with a weight EMA (decay 0.9) validated beside the raw weights. One test image is emptied
+    first, so check-data's exclusion list has an entry for `predict` to honour. Returns the data root,
+    the cache folder (exclusion list), the run folder and the devkit.
     """
     tmp = tmp_path_factory.mktemp("learned")
     data, cache, out = tmp / "data", tmp / "cache", tmp / "run"
@@ -46,7 +47,8 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (data / "test" / "ILSVRC2012_test_00000004.JPEG").write_bytes(b"")
     subprocess.run([sys.executable, "-m", "senet", "check-data", str(data), "--cache-dir", str(cache), "--quiet"],
                    capture_output=True, check=False)
-    done = train_demo_recipe(data, cache, out, 2, "train.log_every=5", "train.checkpoint_every=50")
+    done = train_demo_recipe(data, cache, out, 2, "train.log_every=5", "train.checkpoint_every=50",
+                             "train.ema_decay=0.9")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"data": data, "cache": cache, "run": out, "devkit": data / "ILSVRC2012_devkit_t12", "log": done.stdout}
 

@@ -16,6 +16,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +26,8 @@ from torch import nn
 
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import ImageIndex, index_train
-from pipeline.loader import ResidentLoader, TrainLoader
+from pipeline.input_spec import CropSchedule, EvalInput, Runtime, TrainInput
+from pipeline.loader import EvalLoader, ResidentLoader, TrainLoader
 from pipeline.synthetic import SyntheticSpec
 from training.build import Data, build
 from training.config import Config, load_config
@@ -43,12 +45,39 @@ SMALL = SyntheticSpec(classes=6, train_per_class=12, val_per_class=4, test=8, im
 LOADER_CROP = 32
 
 
+SHARD = ("rank", "world_size", "exclude")
+
+
+def _split(kw: dict) -> tuple[dict, dict, dict]:
+    """Keywords of a loader helper split into the spec's fields, the runtime's and the shard's."""
+    runtime = {k: kw.pop(k) for k in [f.name for f in fields(Runtime)] if k in kw}
+    shard = {k: kw.pop(k) for k in SHARD if k in kw}
+    return kw, runtime, shard
+
+
+def train_spec(**kw) -> TrainInput:
+    """A small CPU training spec (6 images of 32 px, class-aware, seed 11, fp16); keywords override its fields,
+    `crop_size` a fixed size and the runtime's fields (threads, py_workers, prefetch, device, device_id)."""
+    fields_, runtime, _ = _split(dict(kw))
+    crop = CropSchedule(fields_.pop("crop_size")) if "crop_size" in fields_ else CropSchedule(LOADER_CROP)
+    base = dict(batch_size=6, crop=crop, aug=AugmentSpec(), seed=11, sampling="class_aware", dtype="float16",
+                layout="NCHW")
+    return TrainInput(**{**base, **fields_}, runtime=Runtime(**{"threads": 1, "py_workers": 0, "prefetch": 2, **runtime}))
+
+
 def train_loader(index: ImageIndex, **kw) -> TrainLoader:
-    """A small CPU TrainLoader (6 images of 32 px, class-aware); keywords override."""
-    args = dict(batch_size=6, rank=0, world_size=1, device="cpu", seed=11, sampling="class_aware",
-                samples_per_epoch=None, aug=AugmentSpec(), crop_size=LOADER_CROP, dtype="float16", layout="NCHW",
-                threads=1, py_workers=0, prefetch=2, exclude=frozenset())
-    return TrainLoader(index, **{**args, **kw})
+    """A TrainLoader of `train_spec(**kw)`; `rank`, `world_size` and `exclude` shard it."""
+    _, _, shard = _split(dict(kw))
+    return TrainLoader(index, train_spec(**{k: v for k, v in kw.items() if k not in SHARD}), **shard)
+
+
+def eval_loader(index: ImageIndex, **kw) -> EvalLoader:
+    """A small CPU EvalLoader (32 px, float32, NCHW, batch 5); keywords override the spec's and the runtime's
+    fields; `rank`, `world_size` and `exclude` shard it."""
+    fields_, runtime, shard = _split(dict(kw))
+    base = dict(batch_size=5, crop_size=LOADER_CROP, dtype="float32", layout="NCHW")
+    spec = EvalInput(**{**base, **fields_}, runtime=Runtime(**{"threads": 1, "py_workers": 0, **runtime}))
+    return EvalLoader(index, spec, **shard)
 
 
 def planted(tree: Path, *kinds: str) -> set[str]:
@@ -143,13 +172,14 @@ def process_settings_kept() -> Iterator[None]:
 
 
 def fit_in_memory(out: Path, resume: str | None, control: RunControl | None = None, train: Any = None,
-                  sets: Sequence[str] = (), ballast_mb: int = 0) -> dict:
-    """`training.engine.fit` of the IN_MEMORY config (plus `sets`) on resident tensors: no data folder, no DALI."""
+                  sets: Sequence[str] = (), ballast_mb: int = 0, model: nn.Module | None = None) -> dict:
+    """`training.engine.fit` of the IN_MEMORY config (plus `sets`) on resident tensors: no data folder, no DALI;
+    of `model` when given (a test that watches its weights), else a fresh `small_model`."""
     cfg = load_config(None, [*IN_MEMORY, *sets])
     train = train or ResidentLoader(*tensors(N_TRAIN, 123), BATCH)
     val = ResidentLoader(*tensors(N_VAL, 7), BATCH, positions=True)
     r = build(cfg, place_run(cfg, DistInfo()), out, control=control, data=Data(("a", "b", "c")),
-              loaders=(train, val), model=small_model(cfg, ballast_mb))
+              loaders=(train, val), model=model or small_model(cfg, ballast_mb))
     try:
         return fit(r, resume)
     finally:

@@ -48,3 +48,13 @@ def test_bench_input_survives_undecodable_files_and_honours_the_exclusion_list(s
                     "--quiet"], capture_output=True, check=False)
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "cannot decode" not in done.stderr, done.stderr[-2000:]
+
+
+def test_bench_input_measures_each_training_size(small_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sizes.json"
+    assert main(["bench-input", str(small_tree), "--stages", "full", "--crop-size", "32,48", "--batches", "2",
+                 "--warmup", "1", "--batch-size", "4", "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {size: r["crop_size"] for size, r in result["by_crop_size"].items()} == {"32": 32, "48": 48}
+    assert all(r["stages"]["full"] > 0 for r in result["by_crop_size"].values())
+    assert result["input"]["batch_size"] == 4 and result["input"]["runtime"]["py_workers"] == 0

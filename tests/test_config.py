@@ -25,6 +25,17 @@ def test_paper_recipe_values() -> None:
     assert (senet.optim.lr, senet.model.dropout) == (1.0, 0.2) and senet.optim.label_smoothing > 0
 
 
+def test_fast_recipe_values() -> None:
+    """configs/se_resnext50_fast.yaml says what its comments and the README's recipe table say."""
+    from training.inputs import crop_schedule, eval_crop_size
+
+    cfg = load_config(REPO / "configs/se_resnext50_fast.yaml")
+    assert cfg.slurm.nodes * cfg.slurm.gpus_per_node * cfg.train.batch_size == 1024 and cfg.train.epochs == 40
+    assert crop_schedule(cfg).sizes(40) == [160] * 33 + [192] * 7 and eval_crop_size(cfg) == 256
+    assert (cfg.optim.schedule, cfg.optim.warmup_epochs, cfg.optim.label_smoothing) == ("linear", 2, 0.1)
+    assert cfg.train.ema_decay == 0.9998 and not cfg.optim.decay_bn_and_bias
+
+
 def test_overrides_convert_types_and_win_over_the_file() -> None:
     cfg = load_config(REPO / "configs/demo.yaml", ["train.epochs=3", "optim.lr=0.05", "data.exclude_file=/x/ex.txt",
                                                     "model.dropout=null", "data.sampling=shuffle"])

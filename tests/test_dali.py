@@ -16,7 +16,8 @@ from PIL import Image
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, LUMA, AugmentSpec, colour_transform, draw, warp_geometry
 from pipeline.dali import image_size, looks_complete
 from pipeline.datasets import ImageIndex
-from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.loader import TrainLoader
+from tests.helpers import eval_loader, train_spec
 
 SIZE = 64  # output side
 OFF = AugmentSpec.off()
@@ -45,9 +46,9 @@ def crafted_index(tmp_path_factory: pytest.TempPathFactory) -> ImageIndex:
 
 def batch(index: ImageIndex, aug: AugmentSpec, seed: int = 0, layout: str = "NHWC") -> np.ndarray:
     """The first batch of 4, denormalised to 0-255 floats (B, H, W, C)."""
-    with TrainLoader(index, batch_size=4, rank=0, world_size=1, device="cpu", seed=seed,
-                     sampling="shuffle", samples_per_epoch=None, aug=aug, crop_size=SIZE, dtype="float32",
-                     layout=layout, threads=1, py_workers=0, prefetch=1) as loader:
+    spec = train_spec(batch_size=4, seed=seed, sampling="shuffle", aug=aug, crop_size=SIZE, dtype="float32",
+                      layout=layout, prefetch=1)
+    with TrainLoader(index, spec) as loader:
         images, labels = next(iter(loader))
     assert labels.dtype == torch.int64
     x = images.numpy()
@@ -155,12 +156,11 @@ def test_image_header_and_byte_screen() -> None:
 
 
 def test_eval_centre_and_ten_crop(crafted_index: ImageIndex) -> None:
-    kw = dict(batch_size=3, rank=0, world_size=1, device="cpu", crop_size=SIZE, dtype="float32",
-              layout="NCHW", threads=1, py_workers=0)
-    with EvalLoader(crafted_index, **kw) as loader:
+    kw = dict(batch_size=3, crop_size=SIZE)
+    with eval_loader(crafted_index, **kw) as loader:
         got = [(x.shape, p.tolist()) for x, _, p in loader]
     assert got == [((3, 3, SIZE, SIZE), [0, 1, 2]), ((1, 3, SIZE, SIZE), [3])]
-    with EvalLoader(crafted_index, ten_crop=True, **kw) as loader:
+    with eval_loader(crafted_index, ten_crop=True, **kw) as loader:
         x, labels, _ = next(iter(loader))
     assert x.shape == (3, 10, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 0]
     np.testing.assert_allclose(x[:, 5:].numpy(), x[:, :5].flip(-1).numpy(), atol=1e-5)  # mirrors of the five
@@ -195,14 +195,14 @@ def _ops(ops: list, suffix: str) -> list:
 
 def test_gpu_graphs_put_the_decoder_on_mixed_the_pixels_on_gpu_and_arguments_on_the_cpu() -> None:
     """The GPU training and eval graphs, constructed on this CPU machine (device_id=0; not buildable here)."""
-    from pipeline.dali import EvalSource, TrainSource, decoder_options, eval_pipeline, train_pipeline
+    from pipeline.dali import EvalSource, TrainSource, decoder_options, eval_pipeline, pipeline_args, train_pipeline
+    from pipeline.input_spec import EvalInput, Runtime
     from pipeline.sampling import ClassAwareSampler
 
     labels = np.array([0, 1, 0, 1])
-    source = TrainSource("/nowhere", ("a",) * 4, labels, ClassAwareSampler(labels, 1, 0, 0), AugmentSpec(), 64, 0, 0,
-                         0, 2)
-    train = train_pipeline(source=source, decoder=decoder_options("gpu", 4), crop_size=64, parallel=True, device="gpu",
-                           source_prefetch=2, batch_size=2, num_threads=1, device_id=0, py_num_workers=1)
+    spec = train_spec(batch_size=2, crop_size=64, device="gpu", device_id=0, threads=4, py_workers=1)
+    source = TrainSource("/nowhere", ("a",) * 4, labels, ClassAwareSampler(labels, 1, 0, 0), spec, 0, 0)
+    train = train_pipeline(source=source, runtime=spec.runtime, **pipeline_args(2, spec.runtime))
     ops, outputs = _graph(train)
     assert [(o.device) for o in outputs] == ["gpu", "gpu", "gpu", "cpu"]  # images, labels, colour; ids on the host
     (decoder,) = _ops(ops, "decoders.image_slice")
@@ -220,10 +220,10 @@ def test_gpu_graphs_put_the_decoder_on_mixed_the_pixels_on_gpu_and_arguments_on_
             assert op._op._operator_name().rsplit(".", 1)[-1] in {"external_source", "_tensor_subscript", "cast",
                                                                   "reshape", "gt", "split"}, op._op._operator_name()
 
-    evaluate = eval_pipeline(source=EvalSource("/nowhere", ("a",) * 4, labels, np.arange(4), 2),
-                             decoder=decoder_options("gpu", 4), crop_size=64, crop_ratio=0.875, ten_crop=True,
-                             dtype="float16", layout="NCHW", parallel=False, device="gpu", batch_size=2, num_threads=1,
-                             device_id=0)
+    ev = EvalInput(batch_size=2, crop_size=64, ten_crop=True, dtype="float16",
+                   runtime=Runtime(device="gpu", device_id=0, threads=4))
+    evaluate = eval_pipeline(source=EvalSource("/nowhere", ("a",) * 4, labels, np.arange(4), 2), spec=ev,
+                             **pipeline_args(2, ev.runtime))
     ops, outputs = _graph(evaluate)
     assert [o.device for o in outputs] == ["gpu", "gpu", "cpu"]
     (decoder,) = _ops(ops, "decoders.image")

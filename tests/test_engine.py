@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.loader import ResidentLoader
-from tests.helpers import BATCH, N_TRAIN, CheckpointRecorder, SignalAt, tensors
+from tests.helpers import BATCH, N_TRAIN, CheckpointRecorder, SignalAt, small_model, tensors
 from training import engine
 from training.build import Data, build
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, unwrap
@@ -333,3 +334,95 @@ def test_curves_go_to_tensorboard_too_and_a_resume_reads_as_one_run(in_memory) -
     rows = [r for r in read_metrics(tmp / "run" / "metrics.jsonl") if "loss" in r]
     assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows])
     assert [e.step for e in board.Scalars("val/top1")] == [12, 24, 36]
+
+
+# --- weight EMA ----------------------------------------------------------------------------------------
+
+class Snapshots(ResidentLoader):
+    """Training batches that copy the model's weights (float64) before each batch is handed out and after the
+    last: `weights[n]` are the weights after n optimizer steps."""
+
+    def __init__(self, model: nn.Module, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.model, self.taken, self.weights = model, 0, {}
+
+    def _record(self) -> None:
+        self.weights[self.taken] = {n: p.detach().double().clone() for n, p in self.model.named_parameters()}
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self._record()
+            self.taken += 1
+            yield batch
+        self._record()
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_the_weight_ema_is_the_average_computed_by_hand(in_memory, every: int) -> None:
+    """ema_t = d * ema_(t-1) + (1 - d) * w_t, applied every k steps as d**k; no warm-up (ema_0 = w_0); fp32."""
+    fit, cfg, tmp = in_memory
+    decay, model = 0.8, small_model(cfg)
+    train = Snapshots(model, *tensors(N_TRAIN, 123), BATCH)
+    fit(tmp / "run", None, train=train, model=model, sets=(f"train.ema_decay={decay}", f"train.ema_every={every}"))
+    steps = max(train.weights)
+    ema = dict(train.weights[0])
+    for t in range(1, steps + 1):
+        if t % every == 0:
+            kept = decay ** every
+            ema = {name: kept * value + (1 - kept) * train.weights[t][name] for name, value in ema.items()}
+    saved = torch.load(tmp / "run" / "checkpoints" / "last.pt", weights_only=True)["ema"]
+    assert steps == 36 and saved["updates"] == steps and (saved["decay"], saved["every"]) == (decay, every)
+    assert saved["params"].keys() == ema.keys() and all(v.dtype == torch.float32 for v in saved["params"].values())
+    for name, value in saved["params"].items():
+        torch.testing.assert_close(value.double(), ema[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_ema_resumes_exactly_never_touches_training_and_best_pt_names_the_winner(in_memory) -> None:
+    fit, cfg, tmp = in_memory
+    ema = ("train.ema_decay=0.7",)
+    fit(tmp / "plain", None)
+    whole = fit(tmp / "whole", None, sets=ema)
+    control = CheckpointRecorder()
+    part = fit(tmp / "part", "auto", control, train=SignalAt(control, 17, *tensors(N_TRAIN, 123), BATCH), sets=ema)
+    assert part["stopped"] and part["step"] == 17
+    fit(tmp / "part", "auto", sets=ema)
+
+    def load(run: str, name: str = "last.pt") -> dict:
+        return torch.load(tmp / run / "checkpoints" / name, weights_only=True)
+
+    a, b, plain = load("whole"), load("part"), load("plain")
+    assert all(torch.equal(a["ema"]["params"][k], b["ema"]["params"][k]) for k in a["ema"]["params"])
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 36
+    # validating the EMA swaps it in and out: the raw weights train exactly as without an EMA
+    assert all(torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])
+    rows = [r for r in read_metrics(tmp / "whole" / "metrics.jsonl") if "val_top1" in r]
+    assert len(rows) == 3 and all({"val_top1_ema", "val_top5_ema"} <= r.keys() for r in rows)
+    winner = max(rows, key=lambda r: max(r["val_top1"], r["val_top1_ema"]))  # the first epoch reaching the best
+    best = load("whole", "best.pt")
+    assert best["step"] == winner["step"] and best["best_top1"] == max(winner["val_top1"], winner["val_top1_ema"])
+    assert best["best_weights"] == whole["best_weights"] == ("ema" if winner["val_top1_ema"] > winner["val_top1"]
+                                                             else "raw")
+
+
+@pytest.mark.parametrize("which", ["raw", "ema", "best"])
+def test_init_from_starts_from_the_weights_asked_for(in_memory, which: str) -> None:
+    """train.init_weights: raw, the EMA (its parameters with the model's BN buffers), or those best.pt names; a
+    new EMA starts at the weights the run starts from."""
+    fit, cfg, tmp = in_memory
+    fit(tmp / "source", None, sets=("train.ema_decay=0.7",))
+    source = tmp / "source" / "checkpoints" / "best.pt"
+    saved = torch.load(source, weights_only=True)
+    kind = saved["best_weights"] if which == "best" else which
+    expected = dict(saved["model"])
+    if kind == "ema":
+        expected.update(saved["ema"]["params"])
+    run_cfg = replace(cfg, train=replace(cfg.train, init_from=str(source), init_weights=which, ema_decay=0.5))
+    r = build(run_cfg, place_run(run_cfg, DistInfo()), tmp / "fresh", data=Data(("a", "b", "c")),
+              loaders=(ResidentLoader(*tensors(N_TRAIN, 123), BATCH), None), model=small_model(run_cfg))
+    try:
+        engine.restore(r, None)
+        got, started = r.model.state_dict(), r.ema.state_dict()["params"]
+    finally:
+        r.close()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(torch.equal(started[k], expected[k]) for k in started)

@@ -19,11 +19,11 @@ import torch
 
 from pipeline.datasets import ImageIndex, index_train, index_val
 from pipeline.devkit import load_devkit
-from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.loader import TrainLoader
 from pipeline.processes import start_method
 from pipeline.dali import HW_DECODER_LOAD, decoder_options
-from tests.helpers import (LOADER_CROP as CROP, CheckpointRecorder, bogus_huffman_table, cut_inside_the_scan, planted,
-                           train_loader, tree_with_a_broken_file)
+from tests.helpers import (LOADER_CROP as CROP, CheckpointRecorder, bogus_huffman_table, cut_inside_the_scan, eval_loader,
+                           planted, train_loader, tree_with_a_broken_file)
 from training.placement import gpu_count
 
 DEVICE = os.environ.get("SENET_TEST_DEVICE", "gpu")
@@ -86,9 +86,8 @@ def test_ten_crop_eval_on_the_device_covers_every_image_once(small_tree: Path) -
     val = index_val(small_tree, load_devkit(small_tree / "ILSVRC2012_devkit_t12"), train.classes)
     seen = []
     for rank in range(2):
-        with EvalLoader(val, batch_size=5, rank=rank, world_size=2, device=DEVICE,
-                        device_id=0 if DEVICE == "gpu" else None, crop_size=CROP, ten_crop=True, threads=2,
-                        py_workers=1) as ev:
+        with eval_loader(val, rank=rank, world_size=2, device=DEVICE, device_id=0 if DEVICE == "gpu" else None,
+                         ten_crop=True, threads=2, py_workers=1) as ev:
             for images, labels, positions in ev:
                 assert images.shape[1:] == (10, 3, CROP, CROP) and labels.device == images.device
                 assert images.device.type == ("cuda" if DEVICE == "gpu" else "cpu")
@@ -106,8 +105,8 @@ def test_a_file_cut_inside_its_scan_data_is_replaced_on_the_device_before_any_de
         with loader(index, sampling="shuffle", batch_size=2) as run:
             n = sum(len(y) for _, y in run)
             stats = dict(run.stats)
-        with EvalLoader(index, batch_size=4, rank=0, world_size=1, device=DEVICE,
-                        device_id=0 if DEVICE == "gpu" else None, crop_size=CROP, threads=2, py_workers=1) as ev:
+        with eval_loader(index, batch_size=4, device=DEVICE, device_id=0 if DEVICE == "gpu" else None, threads=2,
+                         py_workers=1) as ev:
             scored = sum(len(y) for _, y, _ in ev)
             blank = list(ev.stats["bad_files"])
     assert n == len(index) // 2 * 2 and scored == len(index)

@@ -16,9 +16,9 @@ import torch
 
 from pipeline.datasets import index_train, index_val
 from pipeline.devkit import load_devkit
-from pipeline.loader import EvalLoader
 from pipeline.processes import child_pids, start_method
-from tests.helpers import LOADER_CROP as CROP, bogus_huffman_table, planted, train_loader, tree_with_a_broken_file
+from tests.helpers import (LOADER_CROP as CROP, bogus_huffman_table, eval_loader, planted, train_loader,
+                           tree_with_a_broken_file)
 
 
 def test_batches_shape_length_and_labels(clean) -> None:
@@ -89,9 +89,8 @@ def test_eval_shards_cover_every_image_once(small_tree: Path, world_size: int) -
     val = index_val(small_tree, load_devkit(small_tree / "ILSVRC2012_devkit_t12"), train.classes)
     seen, labels = [], []
     for rank in range(world_size):
-        with EvalLoader(val, batch_size=5, rank=rank, world_size=world_size, device="cpu",
-                        crop_size=CROP, dtype="float32", layout="NCHW", threads=1, py_workers=world_size - 1,
-                        prefetch=world_size + 1) as ev:  # the source runs up to 4 batches ahead of 2 or 3
+        with eval_loader(val, rank=rank, world_size=world_size, py_workers=world_size - 1,
+                         prefetch=world_size + 1) as ev:  # the source runs up to 4 batches ahead of 2 or 3
             batches = list(ev)
             assert len(batches) == len(ev)
             again = [p for _, _, pos in ev for p in pos.tolist()]  # a second pass after the reset
@@ -205,8 +204,7 @@ def test_resume_at_the_end_of_an_epoch_continues_with_the_next(clean) -> None:
 def test_eval_survives_bad_files(small_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     index = index_train(small_tree)  # holds a truncated and an empty file
     with caplog.at_level(logging.WARNING, logger="senet.input"):
-        with EvalLoader(index, batch_size=16, rank=0, world_size=1, device="cpu", crop_size=CROP,
-                        threads=1, py_workers=1) as ev:
+        with eval_loader(index, batch_size=16, py_workers=1) as ev:
             positions = [p for _, _, pos in ev for p in pos.tolist()]
             bad = sorted(ev.stats["bad_files"])
     assert positions == list(range(len(index)))
@@ -240,11 +238,12 @@ _RUNNER = """
 import sys
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import index_train
+from pipeline.input_spec import CropSchedule, Runtime, TrainInput
 from pipeline.loader import TrainLoader
 from pipeline.processes import child_pids
-loader = TrainLoader(index_train(sys.argv[1]), batch_size=4, rank=0, world_size=1, device="cpu", seed=0,
-                     sampling="shuffle", samples_per_epoch=None, aug=AugmentSpec(), crop_size=32, dtype="float16",
-                     layout="NCHW", threads=1, py_workers=2, prefetch=2)
+spec = TrainInput(batch_size=4, crop=CropSchedule(32), aug=AugmentSpec(), seed=0, sampling="shuffle",
+                  runtime=Runtime(threads=1, py_workers=2, prefetch=2))
+loader = TrainLoader(index_train(sys.argv[1]), spec)
 with loader:
     print(" ".join(map(str, sorted(child_pids()))), flush=True)
     epoch = 0

@@ -51,17 +51,39 @@ def evaluate(t: dict[str, Path], predictions: Path, tmp_path: Path) -> dict:
     return json.loads((tmp_path / "score.json").read_text())
 
 
+def engine_row(t: dict[str, Path]) -> dict:
+    """The validation row of the epoch best.pt holds."""
+    best = torch.load(t["run"] / "checkpoints" / "best.pt", weights_only=True)
+    return next(r for r in read_metrics(t["run"] / "metrics.jsonl") if "val_top1" in r and r["step"] == best["step"])
+
+
 def test_single_crop_val_prediction_scores_exactly_what_the_engine_measured(trained: dict, tmp_path: Path) -> None:
+    """By default predict scores the weights best.pt names (raw or EMA): the engine's number for them."""
     best = torch.load(trained["run"] / "checkpoints" / "best.pt", weights_only=True)
-    engine = max((r for r in read_metrics(trained["run"] / "metrics.jsonl") if "val_top1" in r), key=lambda r: r["val_top1"])
-    assert best["best_top1"] == engine["val_top1"] > 0.5  # the model learned something (chance is 1/6)
-    predict(trained, "val", tmp_path / "val.txt", "--scores", str(tmp_path / "val.npy"))
+    engine, suffix = engine_row(trained), "_ema" if best["best_weights"] == "ema" else ""
+    assert best["best_top1"] == engine["val_top1" + suffix] > 0.5  # the model learned something (chance is 1/6)
+    done = predict(trained, "val", tmp_path / "val.txt", "--scores", str(tmp_path / "val.npy"))
+    assert ("weight EMA" if suffix else "raw weights") in done.stdout
     score = evaluate(trained, tmp_path / "val.txt", tmp_path)
     assert score["images"] == CLASSES * 10
-    assert score["top1_error"] == pytest.approx(1 - engine["val_top1"], abs=1e-12)
-    assert score["top5_error"] == pytest.approx(1 - engine["val_top5"], abs=1e-12)
+    assert score["top1_error"] == pytest.approx(1 - engine["val_top1" + suffix], abs=1e-12)
+    assert score["top5_error"] == pytest.approx(1 - engine["val_top5" + suffix], abs=1e-12)
     probs = np.load(tmp_path / "val.npy")
     assert probs.shape == (CLASSES * 10, CLASSES) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_the_other_weights_on_request_and_another_test_resolution(trained: dict, tmp_path: Path) -> None:
+    """--weights names the weights best.pt did not choose (the default run above scores the chosen ones): the
+    engine's number for them; --crop-size scores the same weights at another test size."""
+    best = torch.load(trained["run"] / "checkpoints" / "best.pt", weights_only=True)
+    other = "raw" if best["best_weights"] == "ema" else "ema"
+    predict(trained, "val", tmp_path / "other.txt", "--weights", other, "--scores", str(tmp_path / "other.npy"))
+    expected = engine_row(trained)["val_top1_ema" if other == "ema" else "val_top1"]
+    assert evaluate(trained, tmp_path / "other.txt", tmp_path)["top1_error"] == pytest.approx(1 - expected, abs=1e-12)
+    done = predict(trained, "val", tmp_path / "large.txt", "--weights", other, "--crop-size", "80", "--scores",
+                   str(tmp_path / "large.npy"))
+    assert "at 80 px" in done.stdout
+    assert not np.allclose(np.load(tmp_path / "large.npy"), np.load(tmp_path / "other.npy"))
 
 
 def test_the_id_order_trap(trained: dict, tmp_path: Path) -> None:

@@ -91,48 +91,71 @@ def test_two_processes_learn_the_synthetic_task(learned: dict[str, Path]) -> Non
     assert ckpt["arch"] == "se_resnext_tiny" and ckpt["num_classes"] == CLASSES and len(ckpt["classes"]) == CLASSES
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["config"]["data"]["root"] == str(learned["data"]) and ckpt["world_size"] == 2
-    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
-    assert best["best_top1"] == max(r["val_top1"] for r in val)
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)  # the better of the raw and EMA weights
+    assert best["best_top1"] == max(max(r["val_top1"], r["val_top1_ema"]) for r in val)
+
+
+def checkpointed_after(out: Path, step: int) -> bool:
+    """Whether rank 0 has logged a checkpoint written after `step` (it logs once the file is whole)."""
+    rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    return any(r.get("event") == "checkpoint" and r["step"] > step for r in rows)
 
 
 @needs_loader
 @pytest.mark.slow
-def test_sigkill_then_resume_auto_equals_the_uninterrupted_run(data: Path, config: Path, tmp_path: Path) -> None:
-    # 2 ranks x 8 = 16 per step, 160 samples per epoch -> 10 steps per epoch, 20 in all; checkpoints every 7 steps.
-    common = settings(data, tmp_path, "data.crop_size=32", "data.samples_per_epoch=160", "train.epochs=2",
-                      "train.batch_size=8", "train.checkpoint_every=7", "train.log_every=2", "optim.lr=0.1",
-                      "optim.reference_batch=16", "optim.warmup_epochs=0.5")
+def test_sigkill_after_a_size_change_then_resume_auto_equals_the_uninterrupted_run(data: Path, config: Path,
+                                                                                   tmp_path: Path) -> None:
+    """Progressive resizing (32, 48, 64 px over 3 epochs) and a weight EMA: killed mid-epoch after the first size
+    change, resumed, the parameters, momenta and EMA end bit-identical to the uninterrupted run's."""
+    # 2 ranks x 8 = 16 per step, 160 samples per epoch -> 10 steps per epoch, 30 in all; checkpoints every 7 steps.
+    common = settings(data, tmp_path, "data.crop_size=64", "data.crop_size_start=32", "data.crop_size_multiple=16",
+                      "data.crop_ramp_start=0", "data.crop_ramp_end=2", "data.samples_per_epoch=160", "train.epochs=3",
+                      "train.batch_size=8", "train.checkpoint_every=7", "train.log_every=2", "train.ema_decay=0.9",
+                      "train.ema_every=2", "optim.lr=0.1", "optim.reference_batch=16", "optim.warmup_epochs=0.5")
     whole = tmp_path / "whole"
-    code, text = finish(senet("train", str(config), "--nproc", "2", "--out", str(whole), *common), timeout=200)
+    code, text = finish(senet("train", str(config), "--nproc", "2", "--out", str(whole), *common), timeout=300)
     assert code == 0, text[-3000:]
 
     part = tmp_path / "part"
     proc = senet("train", str(config), "--nproc", "2", "--out", str(part), *common, start_new_session=True)
-    last = part / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 150
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 200
+    while not checkpointed_after(part, 10) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher, both ranks and their DALI workers, mid-run
     proc.communicate()
-    killed_at = torch.load(last, weights_only=True)["step"]
-    assert 0 < killed_at < 20
+    killed_at = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 10 < killed_at < 30 and killed_at % 10, killed_at  # inside an epoch after the size change
 
     code, text = finish(senet("train", str(config), "--nproc", "2", "--out", str(part), "--resume", "auto", *common),
-                        timeout=200)
+                        timeout=300)
     assert code == 0, text[-3000:]
     assert f"resumed from step {killed_at}" in text
     a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 20
+    assert a["step"] == b["step"] == 30
     assert a["model"].keys() == b["model"].keys()
     different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not different, different
     momentum = lambda c: [s["momentum_buffer"] for s in c["optimizer"]["state"].values()]  # noqa: E731
     assert all(torch.equal(x, y) for x, y in zip(momentum(a), momentum(b)))
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 30
+    assert all(torch.equal(a["ema"]["params"][k], b["ema"]["params"][k]) for k in a["ema"]["params"])
     rows = read_metrics(part / "metrics.jsonl")
     assert {"event": "resume", "step": killed_at} in rows
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(set(steps))  # rows after the checkpoint were dropped, not duplicated
+    epochs = [r for r in rows if "crop_size" in r]
+    assert [(r["epoch"], r["crop_size"]) for r in epochs] == [(0, 32), (1, 48), (2, 64)]
+    assert all("val_top1_ema" in r for r in epochs)
+    epoch = killed_at // 10  # the log counts epochs from 1
+    assert f"epoch {epoch + 1}: training crops of {[32, 48, 64][epoch]} px" in text  # the resumed epoch's own size
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        board = EventAccumulator(str(part))
+        board.Reload()
+        assert [e.value for e in board.Scalars("train/crop_size")] == [32, 48, 64]
+        assert [e.step for e in board.Scalars("val/top1_ema")] == [10, 20, 30]
 
 
 def start_ranks(n: int, *args: str) -> list[subprocess.Popen]:

@@ -24,6 +24,7 @@ from models.published import RELEASED, ConversionError, convert, registry_name
 from pipeline.devkit import Synset, write_devkit
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import ConfigError, load_config
+from training.ema import checkpoint_weights
 from training.weights import initialize_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,16 +138,17 @@ def test_import_weights_then_predict_scores_with_the_sources_preprocessing(impor
 def test_a_run_starts_from_a_checkpoint_keeping_the_rows_of_shared_classes(learned: dict[str, Path]) -> None:
     best = learned["run"] / "checkpoints" / "best.pt"
     state = torch.load(best, weights_only=True)
+    weights, _ = checkpoint_weights(state)  # train.init_weights' default: those best.pt names (raw or its EMA)
     theirs = state["classes"]
     classes = (theirs[2], "n99999991", theirs[0])  # two shared WNIDs, one new class
     model = create_model("se_resnext_tiny", num_classes=3, channels_last=False)
     fresh_fc = model.fc.weight.detach().clone()
     note = initialize_from(model, "se_resnext_tiny", classes, best)
     assert "2 of 3 rows" in note
-    assert torch.equal(model.fc.weight[0], state["model"]["fc.weight"][2])
-    assert torch.equal(model.fc.weight[2], state["model"]["fc.weight"][0])
+    assert torch.equal(model.fc.weight[0], weights["fc.weight"][2])
+    assert torch.equal(model.fc.weight[2], weights["fc.weight"][0])
     assert torch.equal(model.fc.weight[1], fresh_fc[1])  # the new class starts anew
-    assert torch.equal(model.stem[0].weight, state["model"]["stem.0.weight"])
+    assert torch.equal(model.stem[0].weight, weights["stem.0.weight"])
     with pytest.raises(CheckpointError, match="holds a se_resnext_tiny; this run trains a se_resnet_tiny"):
         initialize_from(create_model("se_resnet_tiny", num_classes=3), "se_resnet_tiny", classes, best)
 

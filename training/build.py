@@ -26,9 +26,11 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from training import dist as distmod
 from training.checkpoint_writer import CheckpointWriter
-from training.config import Config, ConfigError, batch_layout, runs_channels_last
+from training.config import Config, ConfigError, runs_channels_last
 from training.control import RunControl
+from training.ema import WeightEMA, ema_horizon_note
 from training.health import Health, heartbeat_interval
+from training.inputs import describe_inputs, eval_input, train_input
 from training.metrics import MetricsLog
 from training.optim import LRSchedule, build_optimizer
 from training.placement import Placement, check_node, input_shm_bytes, mean_file_bytes
@@ -63,6 +65,7 @@ class Run:
     checkpoints: CheckpointWriter  # rank 0 writes; the other ranks' writer does nothing
     health: Health  # heartbeats: names a hung, dead or failed rank (training.health)
     stragglers: StragglerWatch  # names the rank the others wait for (training.stragglers)
+    ema: WeightEMA | None = None  # the weight EMA (train.ema_decay), None when off
     closers: list[Callable[[], None]] = field(default_factory=list)  # what `build` started, undone by `close`
 
     def close(self) -> None:
@@ -112,6 +115,8 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
             check_input_resources(cfg, place, data)
             loaders = build_loaders(cfg, place, data)  # before CUDA/NCCL: DALI forks its Python workers
             closers += [loader.close for loader in loaders if loader is not None]
+            if place.is_main:
+                log.info("input: %s", describe_inputs(cfg))
         train_loader, val_loader = loaders
         timeout = distmod.process_group_timeout(cfg.train.dist_timeout_s, heartbeat_interval(cfg.train.dist_timeout_s))
         if distmod.init_distributed(place, timeout):
@@ -162,6 +167,12 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
         log.info("%s on %s x %d (%s, %s), global batch %d, peak lr %.4g, %d steps/epoch, %d epochs, optimizer %s",
                  cfg.model.arch, device.type, dist.world_size, precision.name, "DDP" if dist.distributed else "1 process",
                  global_batch, schedule.peak, steps_per_epoch, cfg.train.epochs, kind)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        ema = WeightEMA(model, cfg.train.ema_decay, cfg.train.ema_every)
+        note = ema_horizon_note(cfg.train.ema_decay, schedule.total_steps)
+        if note and dist.is_main:
+            log.warning("%s", note)
     metrics = MetricsLog(out / METRICS, dist.is_main)
     closers.append(metrics.close)
     t = cfg.train
@@ -172,7 +183,7 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
     return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
                optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
                val_loader=val_loader, classes=tuple(data.classes), log=metrics, control=control, group=group,
-               checkpoints=checkpoints, health=health, stragglers=stragglers, closers=closers)
+               checkpoints=checkpoints, health=health, stragglers=stragglers, ema=ema, closers=closers)
 
 
 def preflight(cfg: Config, root_hint: str = "") -> None:
@@ -288,22 +299,18 @@ def check_input_resources(cfg: Config, place: Placement, data: Data) -> None:
 
 
 def build_loaders(cfg: Config, place: Placement, data: Data) -> tuple[Any, Any | None]:
-    """The DALI train and val loaders of this rank (sharded by the global rank)."""
-    from pipeline.augment import AugmentSpec
+    """The DALI train and val loaders of this rank (sharded by the global rank), of the run's input specs."""
     from pipeline.loader import EvalLoader, TrainLoader
 
-    d = cfg.data
-    common = dict(rank=place.dist.rank, world_size=place.dist.world_size, device=place.device,
-                  device_id=place.gpu_index, dtype=d.dtype, layout=batch_layout(cfg, place.device),
-                  threads=place.dali_threads, py_workers=place.py_workers, prefetch=d.prefetch,
-                  hw_decoder_load=d.hw_decoder_load, mean=d.mean, std=d.std, exclude=data.exclude)
-    train = TrainLoader(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed, sampling=d.sampling,
-                        samples_per_epoch=d.samples_per_epoch, aug=AugmentSpec.from_config(d), crop_size=d.crop_size,
-                        **common)
+    shard = dict(rank=place.dist.rank, world_size=place.dist.world_size, exclude=data.exclude)
+    train = TrainLoader(data.train, train_input(cfg, place), **shard)
     val = None
     if data.val is not None:
-        val = EvalLoader(data.val, batch_size=cfg.train.batch_size, crop_size=d.crop_size, crop_ratio=d.eval_crop_ratio,
-                         **common)
+        try:
+            val = EvalLoader(data.val, eval_input(cfg, place), **shard)
+        except BaseException:
+            train.close()
+            raise
     return train, val
 
 

@@ -40,7 +40,10 @@ READABLE_VERSIONS = (1, 2)
 MODEL_KEYS = ("format_version", "kind", "model", "classes", "arch", "num_classes", "config")
 TRAINING_KEYS = MODEL_KEYS + ("optimizer", "scaler", "scheduler", "epoch", "step", "loader")
 # Keys a reader must not require, with the value an older file means by leaving them out.
-OPTIONAL_KEYS: dict[str, Any] = {"mid_epoch": False, "world_size": None, "best_top1": -1.0, "last_val": {}}
+# "ema": the weight EMA (training.ema.WeightEMA.state_dict), None without one; "best_weights": whose top-1
+# best_top1 is, "raw" or "ema" (added in version 2 without a new version number, as it says above).
+OPTIONAL_KEYS: dict[str, Any] = {"mid_epoch": False, "world_size": None, "best_top1": -1.0, "last_val": {},
+                                 "best_weights": "raw", "ema": None}
 
 
 class CheckpointError(Exception):

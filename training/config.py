@@ -53,7 +53,20 @@ class DataConfig:
     devkit: str | None = _key(None, "devkit folder; default ROOT/ILSVRC2012_devkit_t12")
     sampling: Literal["class_aware", "shuffle"] = _key("class_aware", "Relay-BP class-balanced order, or a plain shuffle")
     samples_per_epoch: int | None = _key(None, "samples per epoch over all ranks; null = the training set's size", min=1)
-    crop_size: int = _key(224, "training crop side in pixels (320 for the ILSVRC 2017 entry)", min=16, max=1024)
+    crop_size: int = _key(224, "training crop side in pixels (320 for the ILSVRC 2017 entry); with progressive resizing "
+                          "the final one", min=16, max=1024)
+    crop_size_start: int | None = _key(None, "progressive resizing: the crop side of the first epochs, growing to "
+                                       "data.crop_size; null = off", min=16, max=1024)
+    crop_ramp_start: int | None = _key(None, "progressive resizing: the last epoch (counted from 0) at "
+                                       "data.crop_size_start, where the linear ramp starts; null = round(65/88 x "
+                                       "train.epochs), the shape of FFCV's rn50_88_epochs.yaml (65 of 88)", min=0)
+    crop_ramp_end: int | None = _key(None, "progressive resizing: the first epoch (from 0) at data.crop_size; null = "
+                                     "round(76/88 x train.epochs), FFCV's 76 of 88", min=0)
+    crop_size_multiple: int = _key(32, "progressive resizing: sizes inside the ramp are rounded to multiples of this",
+                                   min=1, max=256)
+    eval_crop_size: int | None = _key(None, "eval crop side (validation and senet predict); null = data.crop_size; "
+                                      "testing above the training size can score higher (FixRes, arXiv:1906.06423)",
+                                      min=16, max=1024)
     eval_crop_ratio: float = _key(0.875, "eval: resize the short side to crop/ratio, then center-crop", min=0.1, max=1.0)
     min_area: float = _key(0.08, "random-size crop: smallest area fraction", min=0.01, max=1.0)
     max_area: float = _key(1.0, "random-size crop: largest area fraction", min=0.01, max=1.0)
@@ -93,7 +106,8 @@ class OptimConfig:
     nesterov: bool = _key(False, "Nesterov momentum")
     weight_decay: float = _key(1e-4, "L2 weight decay", min=0.0)
     decay_bn_and_bias: bool = _key(True, "apply weight decay to BN parameters and biases too (the paper does)")
-    schedule: Literal["step", "cosine"] = _key("step", "LR schedule after warmup")
+    schedule: Literal["step", "cosine", "linear"] = _key("step", "LR schedule after warmup: step decay, cosine to 0, "
+                                                         "or linear to 0 (FFCV's)")
     step_epochs: int = _key(30, "step schedule: divide the LR by 1/gamma every this many epochs", min=1)
     gamma: float = _key(0.1, "step schedule: LR factor at each step", min=0.0, max=1.0)
     warmup_epochs: float = _key(0.0, "linear warmup from 0 over this many epochs (large batches)", min=0.0)
@@ -127,6 +141,14 @@ class TrainConfig:
                                  "fraction of the row's time, naming the input setting to try; 1 = never", min=0.0,
                                  max=1.0)
     eval_every: int = _key(1, "epochs between validations", min=1)
+    ema_decay: float | None = _key(None, "weight EMA: decay per optimizer step (e.g. 0.9998: an average over about "
+                                   "1/(1-decay) steps), no warm-up; validated beside the raw weights; null = off",
+                                   min=0.0, max=0.999999)
+    ema_every: int = _key(1, "update the weight EMA every this many optimizer steps, with decay**every: the same "
+                          "average per step, less work", min=1)
+    init_weights: Literal["best", "raw", "ema"] = _key("best", "which weights of train.init_from start the run: "
+                                                      "best = those that won its validation (its best_weights), raw, "
+                                                      "or its EMA")
     dist_timeout_s: int = _key(600, "seconds without a heartbeat after which a hung or dead rank is named and the "
                                "run stops (a dead rank's closed connection stops it at once); the collectives "
                                "time out a little later as a backstop", min=10)
@@ -387,6 +409,18 @@ def _check_relations(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.min_area = {d.min_area} exceeds data.max_area = {d.max_area}")
     if d.min_aspect > d.max_aspect:
         raise ConfigError(f"{where}: data.min_aspect = {d.min_aspect} exceeds data.max_aspect = {d.max_aspect}")
+    if d.crop_size_start is not None:
+        if d.crop_size_start > d.crop_size:
+            raise ConfigError(f"{where}: data.crop_size_start = {d.crop_size_start} exceeds data.crop_size = "
+                              f"{d.crop_size} (the final size the ramp grows to)")
+        if d.crop_ramp_start is not None and d.crop_ramp_end is not None and d.crop_ramp_start > d.crop_ramp_end:
+            raise ConfigError(f"{where}: data.crop_ramp_start = {d.crop_ramp_start} is after data.crop_ramp_end = "
+                              f"{d.crop_ramp_end}")
+        for key in ("crop_ramp_start", "crop_ramp_end"):
+            value = getattr(d, key)
+            if value is not None and value > cfg.train.epochs:
+                raise ConfigError(f"{where}: data.{key} = {value} is beyond train.epochs = {cfg.train.epochs}; the "
+                                  f"ramp must end within the run (null = FFCV's shape, scaled to the epochs)")
 
 
 def _suggest(word: str, known: typing.Iterable[str], prefix: str = "") -> str:

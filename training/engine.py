@@ -18,6 +18,11 @@ draw are functions of (seed, epoch, global position); any other randomness in a 
 reseeded from (seed, step, rank) before the step. So a checkpoint needs only state_dicts and
 counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU.
 
+Per epoch: the training crop size is the loader's spec's for that epoch (progressive resizing,
+`training.inputs`), logged as the epoch starts and written to the epoch's metrics row; with a weight
+EMA (`training.ema`) every step folds the weights into it and every validation scores it beside the
+raw weights; best.pt keeps the better of the two and says whose it is.
+
 Checkpoints are taken at step boundaries with all ranks in step: every `train.checkpoint_every` steps,
 every `train.checkpoint_every_min` minutes by rank 0's clock, at each epoch end (after validation, so
 best.pt can be chosen), and when a `RunControl` asks (a signal handler on ANY rank may ask; the ranks
@@ -76,6 +81,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken since the start of the run
     mid_epoch: bool = False  # the loader holds a position inside `epoch`
     best_top1: float = -1.0
+    best_weights: str = "raw"  # which weights scored best_top1: "raw", or "ema" (train.ema_decay)
     last_val: dict[str, float] = field(default_factory=dict)
 
 
@@ -131,30 +137,56 @@ def train(r: Run, state: TrainState) -> dict[str, Any]:
         else:
             r.train_loader.set_epoch(epoch)
         state.epoch = epoch
+        crop = r.train_loader.crop_size  # the loader's spec says it; None for resident tensors
+        if crop is not None and r.place.is_main:
+            log.info("epoch %d: training crops of %d px", epoch + 1, crop)
+        started, waited_before = time.perf_counter(), stalls.waited_s
         stopped = train_one_epoch(r, state, stalls)
         if stopped:
             break
+        row = {"step": state.step, "epoch": epoch, "crop_size": crop, "epoch_s": round(time.perf_counter() - started, 3),
+               "data_wait_s": round(stalls.waited_s - waited_before, 3)}
         if r.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            # Each rank's BN running statistics drift from rank 0's after its last forward; the checkpoint
-            # holds rank 0's, so every rank evaluates with those (as `senet predict` on the checkpoint will).
-            distmod.broadcast_buffers(r.model)
-            state.last_val = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group,
-                                      batch_layout(r.cfg, r.place.device))
-            r.log.write({"step": state.step, "epoch": epoch, **state.last_val})
-            if r.place.is_main:
-                log.info("epoch %d: val top-1 %.4f, top-5 %.4f (%d images)", epoch + 1, state.last_val["val_top1"],
-                         state.last_val["val_top5"], state.last_val["val_images"])
+            state.last_val = validate(r, epoch)
+            row.update(state.last_val)
+        r.log.write({k: v for k, v in row.items() if v is not None})
         state.epoch = epoch + 1
-        improved = bool(state.last_val) and state.last_val["val_top1"] > state.best_top1
+        improved = "val_top1" in row and best_of(state.last_val)[0] > state.best_top1
         if improved:
-            state.best_top1 = state.last_val["val_top1"]
+            state.best_top1, state.best_weights = best_of(state.last_val)
         save_checkpoint(r, state, best=improved)
     settle(r.checkpoints, r.group)  # the last checkpoint has landed (or every rank fails) before anything is reported
     waited = stalls.overall()
     if r.place.is_main:
         log.info("input: the ranks waited for data %.1f%% of the training time (pipeline starts included)", 100 * waited)
     return {"step": state.step, "epoch": state.epoch, "stopped": stopped, **state.last_val,
-            "best_top1": state.best_top1, "checkpoint": str(r.out / CHECKPOINTS / LAST), "data_wait_fraction": waited}
+            "best_top1": state.best_top1, "best_weights": state.best_weights,
+            "checkpoint": str(r.out / CHECKPOINTS / LAST), "data_wait_fraction": waited}
+
+
+def validate(r: Run, epoch: int) -> dict[str, float]:
+    """Top-1/top-5 of the raw weights and, with a weight EMA, of the EMA's (`val_top1_ema`, `val_top5_ema`)."""
+    # Each rank's BN running statistics drift from rank 0's after its last forward; the checkpoint holds
+    # rank 0's, so every rank evaluates with those (as `senet predict` on the checkpoint will), the EMA too.
+    distmod.broadcast_buffers(r.model)
+    layout = batch_layout(r.cfg, r.place.device)
+    result = evaluate(r.model, r.val_loader, r.precision, len(r.classes), r.device, r.group, layout)
+    text = f"val top-1 {result['val_top1']:.4f}, top-5 {result['val_top5']:.4f}"
+    if r.ema is not None:
+        with r.ema.applied(r.model) as averaged:
+            ema = evaluate(averaged, r.val_loader, r.precision, len(r.classes), r.device, r.group, layout)
+        result.update(val_top1_ema=ema["val_top1"], val_top5_ema=ema["val_top5"])
+        text += f"; EMA top-1 {ema['val_top1']:.4f}, top-5 {ema['val_top5']:.4f}"
+    if r.place.is_main:
+        log.info("epoch %d: %s (%d images)", epoch + 1, text, result["val_images"])
+    return result
+
+
+def best_of(val: dict[str, float]) -> tuple[float, str]:
+    """The better top-1 of a validation and whose it is: ("raw" wins a tie: it needs no EMA to reproduce)."""
+    if val.get("val_top1_ema", -1.0) > val["val_top1"]:
+        return val["val_top1_ema"], "ema"
+    return val["val_top1"], "raw"
 
 
 # ---------------------------------------------------------------------------------------- one epoch
@@ -179,6 +211,8 @@ def train_one_epoch(r: Run, state: TrainState, stalls: StallMonitor | None = Non
         loss = train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)
         r.schedule.step()
         state.step += 1
+        if r.ema is not None:
+            r.ema.update(state.step)
         r.health.step_done(state.step)
         r.stragglers.step_done()
         meter.add(loss)
@@ -388,8 +422,10 @@ def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
         "num_classes": r.cfg.model.num_classes,
         "world_size": r.place.dist.world_size,
         "best_top1": state.best_top1,
+        "best_weights": state.best_weights,  # which weights scored best_top1: "raw" or "ema"
         "last_val": dict(state.last_val),
         "config": config_to_dict(r.cfg),
+        "ema": r.ema.state_dict() if r.ema is not None else None,  # training.ema: the weight EMA, one entry
     }
 
 
@@ -401,7 +437,7 @@ def save_checkpoint(r: Run, state: TrainState, best: bool = False) -> Path:
     write time (fsync and read-back included) and the step loop's stall: a Slurm job's signal delay and
     GraceTime must cover CHECK_EVERY steps, one stall and one write.
     """
-    val = state.last_val.get("val_top1") if best else None
+    val = state.best_top1 if best else None  # the better of the raw and the EMA weights' top-1
     return r.checkpoints.submit(lambda: checkpoint_state(r, state), state.step, state.epoch, best, val)
 
 
@@ -418,7 +454,10 @@ def restore(r: Run, resume: str | None) -> TrainState:
         if r.place.is_main and r.log.path.is_file():
             r.log.truncate_after(0)  # a fresh run in a used folder: start the log afresh too
         if r.cfg.train.init_from:  # a fresh run only: a resume continues from its own checkpoint
-            done = initialize_from(r.model, r.cfg.model.arch, r.classes, Path(r.cfg.train.init_from).expanduser())
+            done = initialize_from(r.model, r.cfg.model.arch, r.classes, Path(r.cfg.train.init_from).expanduser(),
+                                   r.cfg.train.init_weights)
+            if r.ema is not None:
+                r.ema.reset(r.model)  # the average starts at the weights the run starts from
             if r.place.is_main:
                 log.info("%s", done)
         return TrainState()
@@ -431,8 +470,10 @@ def restore(r: Run, resume: str | None) -> TrainState:
     r.optimizer.load_state_dict(ckpt["optimizer"])
     r.scaler.load_state_dict(ckpt["scaler"])
     r.schedule.load_state_dict(ckpt["scheduler"])
+    restore_ema(r, ckpt, path)
     state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), mid_epoch=bool(ckpt["mid_epoch"]),
-                       best_top1=float(ckpt["best_top1"]), last_val=dict(ckpt["last_val"]))
+                       best_top1=float(ckpt["best_top1"]), best_weights=str(ckpt["best_weights"]),
+                       last_val=dict(ckpt["last_val"]))
     if state.mid_epoch:
         r.train_loader.load_state_dict(ckpt["loader"])
     if r.place.is_main:
@@ -443,3 +484,20 @@ def restore(r: Run, resume: str | None) -> TrainState:
             log.warning("%s", resumed.note)
         log.info("resumed from step %d (epoch %d, %s)", state.step, state.epoch + 1, path)
     return state
+
+
+def restore_ema(r: Run, ckpt: dict[str, Any], path: Path) -> None:
+    """The checkpoint's weight EMA into the run's; a run that turns the EMA on at a resume starts it at the
+    restored weights (said once)."""
+    if r.ema is None:
+        return
+    if ckpt.get("ema"):
+        try:
+            r.ema.load_state_dict(ckpt["ema"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return
+    r.ema.reset(r.model)
+    if r.place.is_main:
+        log.warning("%s holds no weight EMA (train.ema_decay was null when it was written): the EMA starts now, at "
+                    "the restored weights", path)

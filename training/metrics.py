@@ -3,13 +3,17 @@ event files in OUT (when the optional `tensorboard` package is installed: `pip i
 `tensorboard --logdir OUT`, or a folder of run folders).
 
 Rows carry the optimizer `step` they were logged at. Training rows: step, epoch, loss, lr, images_per_s,
-data_wait_fraction. Validation rows: step, epoch, val_top1, val_top5 (fractions in [0, 1]). Events:
+data_wait_fraction. Epoch rows, at each epoch's end: step, epoch, crop_size (the epoch's training crop
+side), epoch_s and data_wait_s (this rank's seconds training the epoch and waiting for data in it; a
+resumed epoch counts from the resume), and after a validation val_top1, val_top5 (fractions in [0, 1])
+and, with a weight EMA, val_top1_ema and val_top5_ema. Events:
 `{"event": "resume", "step": N}` and `{"event": "checkpoint", "step": N, "write_s": S}`. A resumed run
 first drops every row logged after its checkpoint's step, so the file reads as one uninterrupted run
 plus the events; TensorBoard is told the same (its writer purges the later steps of earlier sessions).
 
 TensorBoard scalar tags (`TENSORBOARD_TAGS`): train/loss, train/lr, train/images_per_s,
-train/data_wait_fraction, val/top1, val/top5, checkpoint/write_s.
+train/data_wait_fraction, train/crop_size, val/top1, val/top5, val/top1_ema, val/top5_ema,
+checkpoint/write_s.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ from typing import Any, Iterable
 log = logging.getLogger("senet.train")
 # metrics.jsonl key -> TensorBoard scalar tag
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_s": "train/images_per_s",
-                    "data_wait_fraction": "train/data_wait_fraction", "val_top1": "val/top1", "val_top5": "val/top5",
-                    "write_s": "checkpoint/write_s"}
+                    "data_wait_fraction": "train/data_wait_fraction", "crop_size": "train/crop_size",
+                    "val_top1": "val/top1", "val_top5": "val/top5", "val_top1_ema": "val/top1_ema",
+                    "val_top5_ema": "val/top5_ema", "write_s": "checkpoint/write_s"}
 TENSORBOARD_FLUSH_S = 10  # a crashed run loses at most this much of its curves
 
 
@@ -135,6 +140,9 @@ def plot_curves(rows: Iterable[dict[str, Any]], out: str | Path) -> bool:
     axes[1].set(title="learning rate", xlabel="step")
     axes[2].plot([r["step"] for r in val], [r["val_top1"] for r in val], "o-", label="top-1")
     axes[2].plot([r["step"] for r in val], [r["val_top5"] for r in val], "s-", label="top-5")
+    ema = [r for r in val if "val_top1_ema" in r]
+    if ema:
+        axes[2].plot([r["step"] for r in ema], [r["val_top1_ema"] for r in ema], "^--", label="top-1, weight EMA")
     axes[2].set(title="validation accuracy", xlabel="step", ylim=(0, 1))
     axes[2].legend(loc="lower right")
     for ax in axes:

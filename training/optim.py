@@ -2,8 +2,8 @@
 
 Recipe (the SENet paper and its ILSVRC 2017 slides): momentum 0.9, weight decay 1e-4, LR 0.6 at batch 1024 scaled linearly to the
 global batch, divided by 10 every 30 epochs; optional linear warmup (large batches, Goyal et al. 2017),
-optional cosine decay instead of steps. The LR is a pure function of the optimizer step, so a resumed
-run needs only the step count.
+optional cosine or linear-to-zero decay instead of steps. The LR is a pure function of the optimizer
+step, so a resumed run needs only the step count.
 
 Fused SGD: NVIDIA apex's `apex.optimizers.FusedSGD` when the real apex is importable, else
 `torch.optim.SGD(fused=True)` on GPU, else the plain (foreach) implementation. PyPI hosts an unrelated
@@ -97,13 +97,13 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 class LRSchedule:
-    """The learning rate of every optimizer step: warmup, then step decay or cosine.
+    """The learning rate of every optimizer step: warmup, then step decay, cosine or linear to zero.
 
     Args:
         cfg: the `optim` section.
         global_batch: images per step over all ranks.
         steps_per_epoch: optimizer steps in one epoch.
-        epochs: length of the run (cosine decays to 0 at its end).
+        epochs: length of the run (cosine and linear decay to 0 at its end).
     """
 
     def __init__(self, cfg: OptimConfig, global_batch: int, steps_per_epoch: int, epochs: int) -> None:
@@ -118,9 +118,12 @@ class LRSchedule:
         """LR used by optimizer step `step` (0-based)."""
         if step < self.warmup_steps:  # linear from peak/warmup_steps up to the peak: step 0 already moves
             return self.peak * (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        done = min(1.0, (step - self.warmup_steps) / span)  # share of the decay behind us
         if self.kind == "cosine":
-            span = max(1, self.total_steps - self.warmup_steps)
-            return self.peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
+            return self.peak * 0.5 * (1.0 + math.cos(math.pi * done))
+        if self.kind == "linear":  # FFCV's ImageNet schedule after its peak: straight down to zero at the end
+            return self.peak * (1.0 - done)
         return self.peak * self.gamma ** (step // self.steps_per_epoch // self.step_epochs)
 
     def apply(self, optimizer: torch.optim.Optimizer) -> float:

@@ -6,9 +6,13 @@ barrier, so every image is scored exactly once and lands in its own row whatever
 Scores are softmax probabilities with devkit-ordered columns (column j = ILSVRC2012_ID j + 1).
 
 Everything that shapes the numbers comes from the checkpoint's own config, as the training engine's
-evaluation used it: the model's options, the crop size and ratio, the batch dtype and layout, the
-autocast precision (resolved for the device predict runs on) and the decoder settings. So predict on
-a checkpoint scores exactly what the engine measured on the same device.
+evaluation used it: the model's options, the eval input spec (`training.inputs.eval_input`: the test
+resolution `data.eval_crop_size` and ratio, the batch dtype and layout, the decoder settings, the batch
+size), the autocast precision (resolved for the device predict runs on) and the process settings
+(`place_run` of the checkpoint's config on that device). So predict on a checkpoint scores exactly what
+the engine measured on the same device. What predict may change is said explicitly: ten crops, another
+test resolution (`crop_size`), another batch size, and which weights score: by default those the
+checkpoint's `best_weights` names (the weight EMA when it won the validation), or `weights` = "raw"/"ema".
 """
 from __future__ import annotations
 
@@ -23,12 +27,15 @@ import torch
 
 from pipeline.datasets import ImageIndex, list_images
 from pipeline.devkit import Devkit
+from pipeline.input_spec import EvalInput
 from pipeline.errors import DataError
 from training import dist as distmod
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.build import build_model, configure_process
 from training.config import Config, ConfigError, batch_layout, config_from_dict
-from training.placement import CONTROL_BACKEND, Placement
+from training.ema import checkpoint_weights
+from training.inputs import eval_input
+from training.placement import CONTROL_BACKEND, Placement, place_run
 from training.precision import resolve_precision
 
 log = logging.getLogger("senet.predict")
@@ -42,6 +49,9 @@ class Scores:
     names: tuple[str, ...]
     probs: np.ndarray
     excluded: tuple[str, ...]
+    weights: str = "raw"  # which weights scored: "raw" or "ema"
+    crop_size: int = 0  # the test resolution used
+    processes: int = 1
 
 
 def checkpoint_config(state: dict, checkpoint: str | Path) -> Config:
@@ -56,15 +66,17 @@ def checkpoint_config(state: dict, checkpoint: str | Path) -> Config:
         raise CheckpointError(str(e)) from None
 
 
-def load_model(state: dict, cfg: Config, device: torch.device, checkpoint: str | Path) -> torch.nn.Module:
-    """The checkpoint's model in eval mode on `device`, built from its own resolved config `cfg`.
+def load_model(state: dict, cfg: Config, device: torch.device, checkpoint: str | Path,
+               weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The checkpoint's model in eval mode on `device`, built from its own resolved config `cfg`, holding
+    `weights` (a state dict of it: `training.ema.checkpoint_weights`; default its raw weights).
 
     Raises:
         CheckpointError: its weights do not fit the architecture it names.
     """
     model = build_model(replace(cfg, train=replace(cfg.train, device="gpu" if device.type == "cuda" else "cpu")), device)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"] if weights is None else weights)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise CheckpointError(f"{checkpoint}: weights do not fit {state['arch']} with {state['num_classes']} classes "
@@ -126,43 +138,55 @@ def score_shard(model: torch.nn.Module, loader: Any, cfg: Config, place: Placeme
     return np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64), full
 
 
-def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: Placement, *, ten_crop: bool,
-            batch_size: int, exclude: frozenset[str], parts: Path) -> Scores | None:
-    """Score `images` with the checkpoint over every rank of `place`; the merged scores on rank 0, else None.
+def predict_input(cfg: Config, device: str, *, batch_size: int | None = None, crop_size: int | None = None,
+                  ten_crop: bool = False) -> tuple[EvalInput, Placement]:
+    """This predict rank's eval spec and placement: the checkpoint's validation input and training placement
+    (threads, Python workers, precision) on `device`, with predict's own batch size, test size and ten crops."""
+    place = place_run(replace(cfg, train=replace(cfg.train, device=device)))
+    return eval_input(cfg, place, batch_size=batch_size, crop_size=crop_size, ten_crop=ten_crop), place
+
+
+def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, device: str, *, ten_crop: bool,
+            batch_size: int | None, exclude: frozenset[str], parts: Path, crop_size: int | None = None,
+            weights: str = "best") -> Scores | None:
+    """Score `images` with the checkpoint over every rank of this job; the merged scores on rank 0, else None.
 
     Args:
-        checkpoint: a checkpoint written by the training engine.
+        checkpoint: a checkpoint written by the training engine (or `senet import-weights`).
         images: the files to score (`image_index`), unlabelled.
         devkit: maps the checkpoint's classes (WNIDs) to ILSVRC2012_IDs.
-        place: this process's placement (rank facts, device, threads).
+        device: 'cpu' or 'gpu' (the rank facts come from the environment).
         ten_crop: average the four corners, the centre and their mirrors.
-        batch_size: images per batch and rank.
+        batch_size: images per batch and rank; None = the checkpoint's train.batch_size (the engine's batches).
         exclude: file names on the exclusion list (they get the class prior, not a prediction).
         parts: a folder every rank can write its part file to (removed after the merge).
+        crop_size: another test resolution; None = the checkpoint's (data.eval_crop_size, else data.crop_size).
+        weights: "best" (the checkpoint's best_weights), "raw" or "ema".
 
     Raises:
-        CheckpointError: unusable checkpoint or classes outside the devkit; DataError: a sharding fault.
+        CheckpointError: unusable checkpoint, classes outside the devkit, or no EMA to score; DataError: a
+            sharding fault.
     """
     from pipeline.loader import EvalLoader
 
     state = load_checkpoint(checkpoint, training=False)
     cfg = checkpoint_config(state, checkpoint)
     columns = devkit_columns(state["classes"], devkit, checkpoint)
-    d = cfg.data
+    try:
+        chosen, kind = checkpoint_weights(state, weights)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint}: --weights {weights}: {e}") from None
+    spec, place = predict_input(cfg, device, batch_size=batch_size, crop_size=crop_size, ten_crop=ten_crop)
     # The engine's process settings: its threads (same kernels, same sums) and, on a GPU, cudnn's autotuning
     # (every batch but the last has one shape: the fastest kernels are found once).
     configure_process(place)
     # The loader first: its workers (if any) start before anything touches CUDA.
-    loader = EvalLoader(images, batch_size=batch_size, rank=place.dist.rank, world_size=place.dist.world_size,
-                        device=place.device, device_id=place.gpu_index, crop_size=d.crop_size,
-                        crop_ratio=d.eval_crop_ratio, ten_crop=ten_crop, dtype=d.dtype,
-                        layout=batch_layout(cfg, place.device), threads=place.dali_threads, py_workers=0,
-                        hw_decoder_load=d.hw_decoder_load, mean=d.mean, std=d.std, exclude=exclude)
+    loader = EvalLoader(images, spec, rank=place.dist.rank, world_size=place.dist.world_size, exclude=exclude)
     # Ranks only meet at a barrier here: a host (gloo) group whatever the device.
     owns_group = distmod.init_distributed(replace(place, backend=CONTROL_BACKEND), PARTS_TIMEOUT_S)
     try:
         with loader:
-            model = load_model(state, cfg, place.torch_device, checkpoint)
+            model = load_model(state, cfg, place.torch_device, checkpoint, chosen)
             positions, probs = score_shard(model, loader, cfg, place, columns, devkit.num_classes)
         parts.mkdir(parents=True, exist_ok=True)
         np.savez(parts / f"rank{place.dist.rank:05d}.npz", positions=positions, probs=probs)
@@ -174,7 +198,7 @@ def predict(checkpoint: str | Path, images: ImageIndex, devkit: Devkit, place: P
         if owns_group:
             distmod.teardown_distributed()
     shutil.rmtree(parts, ignore_errors=True)
-    return scores
+    return replace(scores, weights=kind, crop_size=spec.crop_size, processes=place.dist.world_size)
 
 
 def merge_parts(parts: list[Path], images: ImageIndex, num_columns: int, exclude: frozenset[str]) -> Scores:

@@ -21,6 +21,7 @@ from models import create_model
 from models.published import RELEASED, REPORTED, ConversionError, Preprocessing, convert, registry_name
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint
 from training.config import ConfigError, config_to_dict, load_config
+from training.ema import checkpoint_weights
 
 log = logging.getLogger("senet.train")
 
@@ -103,19 +104,25 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def initialize_from(model: nn.Module, arch: str, classes: Sequence[str], path: str | Path) -> str:
+def initialize_from(model: nn.Module, arch: str, classes: Sequence[str], path: str | Path, which: str = "best") -> str:
     """Load a checkpoint's weights into a fresh run's model; returns what was done, for the log.
 
-    The classifier keeps the rows of the WNIDs both class lists share and starts the others anew (all of
-    them when the lists share none), whatever the class counts.
+    `which` (train.init_weights) picks the raw weights, the weight EMA, or "best": those the checkpoint's
+    `best_weights` says won its validation (`training.ema.checkpoint_weights`). The classifier keeps the
+    rows of the WNIDs both class lists share and starts the others anew (all of them when the lists share
+    none), whatever the class counts.
 
     Raises:
-        CheckpointError: unreadable, another architecture, or weights that do not fit the model.
+        CheckpointError: unreadable, another architecture, no EMA to take, or weights that do not fit the model.
     """
     state = load_checkpoint(path, training=False)
     if state["arch"] != arch:
         raise CheckpointError(f"train.init_from = {str(path)!r} holds a {state['arch']}; this run trains a {arch}")
-    weights = dict(state["model"])
+    try:
+        chosen, kind = checkpoint_weights(state, which)
+    except ValueError as e:
+        raise CheckpointError(f"train.init_from = {str(path)!r} with train.init_weights = {which!r}: {e}") from None
+    weights = dict(chosen)
     ours = model.state_dict()
     fc = [k for k in ("fc.weight", "fc.bias") if k in weights]
     head = {k: weights.pop(k) for k in fc}
@@ -132,9 +139,10 @@ def initialize_from(model: nn.Module, arch: str, classes: Sequence[str], path: s
         for key, value in head.items():
             for i, j in kept:
                 ours[key][i] = value[j]
+    source = f"{path} ({'its weight EMA' if kind == 'ema' else 'its raw weights'})"
     if len(kept) == len(classes) == len(theirs):
-        return f"initialised from {path}: every layer, the classifier included ({len(kept)} classes)"
-    return (f"initialised from {path}: every layer but the classifier, of which {len(kept)} of {len(classes)} "
+        return f"initialised from {source}: every layer, the classifier included ({len(kept)} classes)"
+    return (f"initialised from {source}: every layer but the classifier, of which {len(kept)} of {len(classes)} "
             f"rows (the classes both share) were kept and {len(classes) - len(kept)} start anew")
 
 
