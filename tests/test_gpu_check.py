@@ -189,9 +189,12 @@ def test_gpu_check_runs_every_section_in_a_bare_interpreter_on_the_cpu(tmp_path:
 
     # A section out of time is ended with everything it started and says so: the train section stops its own
     # bench-train (and its DALI workers) at the section's deadline; the runner kills a section that overruns.
+    # The slow-rank test hook makes every bench-train step sleep 5 s, so the run is surely still going at the
+    # train section's deadline, however fast the machine.
+    slow = {**os.environ, "SENET_TEST_SLOW_RANK": "0:5"}
     for section, seconds, words in (("train", 12, "the section's time ran out"), ("input", 2, "timed out after 2 s")):
         late = subprocess.run([*script, f"--sections={section}", f"--timeouts={section}={seconds}"],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=slow)
         cut = json.loads((out / "result.json").read_text())["sections"][section]
         assert late.returncode == 1 and cut["status"] == "timeout" and words in cut["error"], cut
         time.sleep(1)

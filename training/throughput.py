@@ -98,6 +98,7 @@ def time_steps(r: Run, batches: Iterator[Any], count: int, warmup: int, layout: 
         train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)
         if r.ema is not None:  # a weight EMA's update is part of a training step's time
             r.ema.update(n + 1)
+        r.stragglers.step_done()  # the test hook's injected slow-down (SENET_TEST_SLOW_RANK), as in training
     sync()
     return (time.perf_counter() - start) / count, waits
 
