@@ -62,6 +62,37 @@ def test_same_draws_for_the_same_global_positions_under_another_world_size(clean
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def test_a_process_hosting_several_ranks_gets_each_ranks_own_batches_and_resumes_from_any_shape(clean) -> None:
+    """Virtual ranks 0-3 read by four loaders, or by two hosting two each: the same batches, bit for bit, in
+    rank order within a step; a position saved by the four continues in a hosting loader."""
+    index, bad = clean
+    shape = dict(exclude=bad, batch_size=3, samples_per_epoch=48)  # 4 steps of 3 per rank per epoch
+    alone = []
+    for rank in range(4):
+        with train_loader(index, rank=rank, world_size=4, **shape) as loader:
+            alone.append(list(loader))
+    for first in (0, 2):
+        with train_loader(index, rank=first, world_size=4, hosted=2, **shape) as hosting:
+            assert len(hosting) == 8 and hosting.hosted == 2
+            got = list(hosting)
+        expected = [alone[first + shard][step] for step in range(4) for shard in range(2)]
+        for (x, y), (x2, y2) in zip(expected, got, strict=True):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+    with train_loader(index, rank=0, world_size=4, **shape) as one:
+        it = iter(one)
+        next(it)
+        state = one.state_dict()  # one step done by each of the 4 ranks: global position 12
+    assert state["global_position"] == 12
+    with train_loader(index, rank=0, world_size=2, **shape) as hosting:  # built for another shape, then re-sharded
+        hosting.shard(0, 4, hosted=4)
+        hosting.load_state_dict(state)
+        got = [batch for batch, _ in zip(hosting, range(8))]  # steps 2 and 3 of all four ranks
+    expected = [alone[shard][step] for step in (1, 2) for shard in range(4)]
+    for (x, y), (x2, y2) in zip(expected, got, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_prefetch_depth_and_workers_do_not_change_the_batches(clean) -> None:
     index, bad = clean
     runs = []
