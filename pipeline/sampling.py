@@ -6,8 +6,11 @@ communication, and a resumed run needs only (epoch, position), no RNG state.
 
 Sharding is **interleaved**: rank r's k-th sample is global position ``k * num_replicas + r``. So after
 every rank has taken k samples, the samples used are exactly the first ``k * num_replicas`` of the
-global order, which is what makes a run resumable with a different world size: the checkpoint stores
-that global position P, and W' ranks continue from sample P of the same order when W' divides P.
+global order: a checkpoint stores that global position P, and the same shards continue from it. A
+training run keeps its number of shards for its whole life (its virtual ranks, training.virtual): a
+process may read several of them (`for_rank`: siblings that share each epoch's order), so any number
+of processes that divides the shards continues the same batches; W' shards of their own would continue
+from sample P too, when W' divides P, but each would hold other samples than before.
 (Contiguous per-rank slices cannot do this: their consumed samples are W separate prefixes, not one.)
 It also makes each step's global batch a contiguous window of the global order, which is the
 mini-batch that Relay-BP balances. A rank's own m consecutive samples come from a global window of

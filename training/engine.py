@@ -15,8 +15,13 @@ or, with parts of one's own (`training.build`):
 
 Exact resume: the initial weights come from `train.seed`; the loader's order and every augmentation
 draw are functions of (seed, epoch, global position); any other randomness in a step (dropout) is
-reseeded from (seed, step, rank) before the step. So a checkpoint needs only state_dicts and
-counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU.
+reseeded from (seed, step, virtual rank) before each micro-batch. So a checkpoint needs only state_dicts
+and counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU - on any
+number of processes that divides its virtual ranks (`training.virtual`: a process hosts one or more,
+one micro-batch each per step, and the step's gradient is their mean in one fixed order,
+`training.accumulate`). The resolved config, each checkpoint and RUN/shapes.jsonl record the virtual
+ranks and the global batch; the LR schedule, the step and epoch counters continue across a change of
+shape as if none happened.
 
 Per epoch: the training crop size is the loader's spec's for that epoch (progressive resizing,
 `training.inputs`), logged as the epoch starts and written to the epoch's metrics row; with a weight
