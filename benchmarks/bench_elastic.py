@@ -200,8 +200,9 @@ class Watcher(threading.Thread):
                     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                     env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if env.get("SLURM_JOB_ID") not in jobs or b"submitit.core._submit" not in cmdline:
-                        continue
+                    if (env.get("SLURM_JOB_ID") not in jobs or b"submitit.core._submit" not in cmdline
+                            or self.run_dir is None or str(self.run_dir).encode() not in cmdline):
+                        continue  # not a task of this run (another cluster's leftover has the same job ids)
                     parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
                     if not is_python(pid) or is_python(int(parent)):
                         continue  # srun's command line names the module too; a rank's own children are not ranks
@@ -606,14 +607,14 @@ def summary(attempt: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def machine() -> dict[str, Any]:
+def machine(env: dict[str, str]) -> dict[str, Any]:
     lscpu = sh("lscpu")
     model = [line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")]
     mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
 
     def version(cmd: list[str]) -> str:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env).stdout.strip().splitlines()[-1]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "?"
     return {"cpu": model[0] if model else platform.machine(), "cores": os.cpu_count(), "ram_mib": mem,
@@ -758,7 +759,7 @@ def main() -> None:
         trace = None
         try:
             cluster = Cluster()
-            report["machine"] = machine()
+            report["machine"] = machine(cluster.env)
             for start, then in pairs:
                 config = work / f"elastic-{start}.yaml"
                 config.write_text(CONFIG.format(data=data, cache=cache, samples=SAMPLES_PER_EPOCH, epochs=EPOCHS,
