@@ -141,6 +141,8 @@ def run_notes(run_dir: Path) -> dict[str, str]:
             text += f" -> continued as job {r.get('new_job')}"
             if r.get("exclude"):
                 text += f" without {','.join(r['exclude'])}"
+            if r.get("new_nodes") and r.get("job_nodes") and r["new_nodes"] != r["job_nodes"]:
+                text += f" on {r['new_nodes']} of its {r['job_nodes']} nodes"
         else:
             text += f"; run stopped: {r.get('reason', '')}"
         job = str(r.get("job"))
@@ -163,7 +165,7 @@ def after_failure(job: RunJob, verdict: Verdict) -> None:
             nodes = nodes_left(job, decision.exclude)
             new, step = continue_run(job, exclude=decision.exclude, nodes=nodes)
             record.update(action="continued", new_job=new, exclude=list(decision.exclude), resume_step=step,
-                          nodes=nodes)
+                          new_nodes=nodes, job_nodes=job.cfg.slurm.nodes)
         except (SubmitError, RunFolderError) as e:
             decision = Decision("stop", f"the next job could not be submitted: {e}")
     if decision.action == "stop":
@@ -171,8 +173,8 @@ def after_failure(job: RunJob, verdict: Verdict) -> None:
     append_record(job.run_dir, record)
     if record["action"] == "continued":  # the verdict's own line came first (training.health)
         where = f" without {', '.join(decision.exclude)}" if decision.exclude else ""
-        if record["nodes"] != job.cfg.slurm.nodes:
-            where += f" on {record['nodes']} of its {job.cfg.slurm.nodes} nodes (the healthy ones left)"
+        if record["new_nodes"] != job.cfg.slurm.nodes:
+            where += f" on {record['new_nodes']} of its {job.cfg.slurm.nodes} nodes (the healthy ones left)"
         log.error("%s: the run continues as job %s%s from step %s (failure %d of slurm.max_failure_requeues = %d)",
                   record["summary"], record["new_job"], where, record["resume_step"],
                   1 + sum(1 for r in records if r.get("action") == "continued" and r.get("kind") != "preempted"),

@@ -6,8 +6,9 @@ and a job preempted by the `urgent` partition are requeued, resume from the chec
 signal, and end with parameters bit-identical to `senet train --nproc 4` (same world size); so does a
 cancelled run continued with `senet submit --resume --nodes 1` on half its processes (each hosting two of
 its four virtual ranks) after its newest checkpoint was damaged, while 3 nodes are refused. A rank
-stopped with SIGSTOP, then a node lost (its slurmd, step and ranks killed), are named, and the run
-continues each time in a new job without that node, to the same parameters; a job preempted on the
+stopped with SIGSTOP, then a node lost (its slurmd, step and ranks killed), then a rank stopped again
+are named, and the run continues each time in a new job without that node - the last time on the one
+healthy node left, its 2 processes hosting the run's 4 virtual ranks - to the same parameters; a job preempted on the
 `cancel` partition submits the run's next job itself, and names its injected slow rank; a NaN loss
 stops the run once, with one line. The sbatch script of the paper recipe and sbatch's refusals are
 checked without running anything.
@@ -419,7 +420,7 @@ def senet_jobs(capsys: pytest.CaptureFixture) -> dict[str, str]:
     return {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
 
 
-def test_a_stopped_rank_then_a_lost_node_are_named_and_the_run_continues_elsewhere_to_the_same_parameters(
+def test_a_stopped_rank_then_a_lost_node_then_another_stopped_rank_are_named_and_the_run_continues_elsewhere_and_at_last_on_the_one_node_left_to_the_same_parameters(
         cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
     first, run_dir = submit(workspace, "--set", FAULT_TIMEOUT)
     wait_until(lambda: steps_logged(run_dir) >= STEPS_PER_EPOCH + 2, JOB_TIMEOUT_S, f"job {first} past a checkpoint")
@@ -448,20 +449,36 @@ def test_a_stopped_rank_then_a_lost_node_are_named_and_the_run_continues_elsewhe
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
         third = next_job(run_dir, second)
-        wait_for_end(third, run_dir)
+        second_named = records(run_dir)[1]
+        # Two of the four nodes are suspects now: a third fault leaves one healthy node, and 1 x 2 processes
+        # still divide the run's 4 virtual ranks, so the run goes on there rather than pending for two.
+        wait_until(lambda: heartbeat(run_dir, third, 2)["step"] >= second_named["resume_step"] + 2, JOB_TIMEOUT_S,
+                   f"job {third} training")
+        again = heartbeat(run_dir, third, 2)
+        os.kill(again["pid"], signal.SIGSTOP)
+        fourth = next_job(run_dir, third)
+        wait_for_end(fourth, run_dir)
     finally:
         if killed:
             start_cluster()  # the lost node's slurmd again, so that later tests find four nodes
-    second_named = records(run_dir)[1]
     assert second_named["kind"] == "silent" and second_named["ranks"] == [2, 3], second_named
     assert second_named["exclude"] == sorted({hung["node"], lost["node"]}) and second_named["new_job"] == third
     assert not nodes_of(third) & {hung["node"], lost["node"]}
+    third_named = records(run_dir)[2]
+    suspects = {hung["node"], lost["node"], again["node"]}
+    assert third_named["ranks"] == [2] and third_named["exclude"] == sorted(suspects), third_named
+    assert third_named["new_job"] == fourth and third_named["new_nodes"] == 1, third_named
+    assert len(nodes_of(fourth)) == 1 and not nodes_of(fourth) & suspects
     resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
-    assert resumes == [named["resume_step"], second_named["resume_step"]]
+    assert resumes == [named["resume_step"], second_named["resume_step"], third_named["resume_step"]]
+    shapes = [json.loads(line) for line in (run_dir / "shapes.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["nodes"], r["world_size"], r["virtual_ranks"], r["hosted"]) for r in shapes] == [
+        (first, 2, 4, 4, 1), (second, 2, 4, 4, 1), (third, 2, 4, 4, 1), (fourth, 1, 2, 4, 2)], shapes
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
     listed = senet_jobs(capsys)
     assert f"-> continued as job {second} without {hung['node']}" in listed[first]
     assert f"-> continued as job {third} without " in listed[second]
+    assert f"-> continued as job {fourth} without " in listed[third] and "on 1 of its 2 nodes" in listed[third]
 
 
 def test_a_nan_loss_stops_the_run_once_in_one_line_and_senet_jobs_says_why(
