@@ -694,10 +694,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Per rank, from a process's start until rank 0 logs its first step", "",
               "Each cell: rank 0 / median / max over the ranks (sum over ranks in brackets where it is what a shared "
-              "service sees). Opens and bytes are what the processes asked of the file system (all from the page "
-              "cache on this host: `read_bytes` of /proc/<pid>/io stayed at "
-              f"{report['max_storage_read_bytes']} bytes); on a cluster whose code, data and run folder are on a "
-              "shared file system, that is what it serves.", ""]
+              "service sees). Opens and bytes are what the processes asked of the file system (on this host nearly all "
+              "from the page cache: at most "
+              f"{report['max_storage_read_bytes'] / 2**20:.0f} MiB per rank came from the disk, `read_bytes` of "
+              "/proc/<pid>/io); on a cluster whose code, data and run folder are on a shared file system, that is "
+              "what it serves. Store requests: sends on the TCPStore client socket; a round trip: a send followed "
+              "by a read of the answer.", ""]
     head = ["shape, attempt", "ranks", "start -> first step (this host)", "peak RSS MiB", "file opens",
             "failed opens (import search)", "code MiB read", "data-index KiB read", "checkpoint MiB read",
             "TCP connects", "store requests", "store round trips", "socket MiB received"]
@@ -722,8 +724,35 @@ def markdown(report: dict[str, Any]) -> str:
                 cell(s, "checkpoint_mib_read", "{:.2f}", True), cell(s, "connects", total=True),
                 cell(s, "store_requests", total=True), cell(s, "store_round_trips", total=True),
                 cell(s, "socket_mib_received", "{:.2f}", True)]) + " |")
-    lines += ["", report.get("findings", ""), ""]
+    lines += scaling(report)
     return "\n".join(lines)
+
+
+def scaling(report: dict[str, Any]) -> list[str]:
+    """The numbers that grow with the rank count, side by side for each start and requeue."""
+    rows = []
+    for r in report["rehearsals"]:
+        for a in r["attempts"]:
+            s = a.get("summary") or {}
+            if s and a["attempt"] != "continued" and "connects" in s:
+                rows.append((s["ranks"], f"{r['start']}, {a['attempt']}", s))
+    if not rows:
+        return []
+    rows.sort(key=lambda x: (x[0], x[1]))
+    lines = ["## What grows with the rank count (starts and requeues above, same recipe per rank)", "",
+             "| ranks | shape, attempt | TCP connects per rank (median / max) | store requests per rank (median; rank 0) "
+             "| store round trips, all ranks | DNS queries, all ranks | file opens, all ranks | code MiB read, all ranks "
+             "| checkpoint MiB read from files, all ranks | socket MiB received per rank (median) | peak RSS per rank "
+             "(median), x 8 per node |", "|" + " --- |" * 11]
+    for n, name, s in rows:
+        lines.append(f"| {n} | {name} | {s['connects']['median']:.0f} / {s['connects']['max']:.0f} | "
+                     f"{s['store_requests']['median']:.0f}; {s['store_requests']['rank0']:.0f} | "
+                     f"{s['store_round_trips']['sum']:.0f} | {s['dns_queries']['sum']:.0f} | {s['opens']['sum']:.0f} | "
+                     f"{s['code_mib_read']['sum']:.0f} | {s['checkpoint_mib_read']['sum']:.2f} | "
+                     f"{s['socket_mib_received']['median']:.2f} | {s['peak_rss_mib']['median']:.0f} MiB, "
+                     f"{8 * s['peak_rss_mib']['median'] / 1024:.1f} GiB |")
+    lines += ["", report.get("findings", ""), ""]
+    return lines
 
 
 def main() -> None:
@@ -736,7 +765,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "RESULTS_elastic.json")
     p.add_argument("--md", type=Path, default=ROOT / "benchmarks" / "RESULTS_elastic.md")
+    p.add_argument("--from-json", type=Path, metavar="JSON", help="only rewrite --md from an earlier run's JSON")
     args = p.parse_args()
+    if args.from_json:
+        args.md.write_text(markdown(json.loads(args.from_json.read_text())))
+        return
     if os.geteuid() != 0:
         sys.exit("bench_elastic: run as root (the local Slurm cluster starts daemons)")
     if not args.no_trace and shutil.which("strace") is None:
