@@ -497,8 +497,8 @@ def kinds(data: Path, cache: Path, run_dir: Path) -> Callable[[str], str]:
                                          Path(sys.prefix), ROOT} if str(p) != "/")
 
     def kind(path: str) -> str:
-        if path.startswith(str(run_dir / "checkpoints")):
-            return "checkpoints"
+        if path.startswith(str(run_dir / "checkpoints")):  # .ckpt-N.pt.tmpPID: a write read back before its rename
+            return "checkpoint_read_back" if os.path.basename(path).startswith(".") else "checkpoints"
         if path.startswith(str(run_dir / "code")):
             return "code"
         if path.startswith(str(run_dir)):
@@ -599,6 +599,7 @@ def summary(attempt: dict[str, Any]) -> dict[str, Any]:
             "data_opens": stat(lambda r: r[w]["opened"].get("data", 0)),
             "index_kib_read": stat(lambda r: r[w]["read_bytes"].get("data_index", 0) / 2**10),
             "checkpoint_mib_read": stat(lambda r: r[w]["read_bytes"].get("checkpoints", 0) / 2**20),
+            "read_back_mib": stat(lambda r: r[w]["read_bytes"].get("checkpoint_read_back", 0) / 2**20),
             "connects": stat(traced(w, "connects")), "dns_queries": stat(traced(w, "dns_queries")),
             "store_requests": stat(traced(w, "store_requests")),
             "store_round_trips": stat(traced(w, "store_round_trips")),
@@ -679,7 +680,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"(expected 1..{c['expected_last_step']}): **{c['steps_continuous']}**; epochs continuous: "
                   f"**{c['epochs_continuous']}**; LR against the schedule of global batch {c['global_batch']}: max |error| "
                   f"{c['lr_max_abs_error']:.2e}",
-                  f"- `senet submit --resume` said: {r['resubmit_said'][:300]}"]
+                  "- `senet submit --resume` said: " + " / ".join(line.strip() for line in r["resubmit_said"].splitlines())]
         if r.get("reference"):
             ref = r["reference"]
             lines.append(f"- final weights against an uninterrupted `senet train --nproc 8` with the same virtual ranks "
@@ -701,7 +702,7 @@ def markdown(report: dict[str, Any]) -> str:
               "what it serves. Store requests: sends on the TCPStore client socket; a round trip: a send followed "
               "by a read of the answer.", ""]
     head = ["shape, attempt", "ranks", "start -> first step (this host)", "peak RSS MiB", "file opens",
-            "failed opens (import search)", "code MiB read", "data-index KiB read", "checkpoint MiB read",
+            "failed opens (import search)", "code MiB read", "data-index KiB read", "checkpoint MiB read", "read-back of checkpoints written, MiB",
             "TCP connects", "store requests", "store round trips", "socket MiB received"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 
@@ -721,7 +722,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{shape}, {a['attempt']}", str(s["ranks"]), f"{s['start_to_first_step_s']:.0f} s",
                 cell(s, "peak_rss_mib"), cell(s, "opens", total=True), cell(s, "failed_opens", total=True),
                 cell(s, "code_mib_read", "{:.1f}", True), cell(s, "index_kib_read", "{:.0f}", True),
-                cell(s, "checkpoint_mib_read", "{:.2f}", True), cell(s, "connects", total=True),
+                cell(s, "checkpoint_mib_read", "{:.2f}", True), cell(s, "read_back_mib", "{:.2f}", True),
+                cell(s, "connects", total=True),
                 cell(s, "store_requests", total=True), cell(s, "store_round_trips", total=True),
                 cell(s, "socket_mib_received", "{:.2f}", True)]) + " |")
     lines += scaling(report)
@@ -738,7 +740,7 @@ def scaling(report: dict[str, Any]) -> list[str]:
                 rows.append((s["ranks"], f"{r['start']}, {a['attempt']}", s))
     if not rows:
         return []
-    rows.sort(key=lambda x: (x[0], x[1]))
+    rows.sort(key=lambda x: (x[0], not x[1].endswith("start")))
     lines = ["## What grows with the rank count (starts and requeues above, same recipe per rank)", "",
              "| ranks | shape, attempt | TCP connects per rank (median / max) | store requests per rank (median; rank 0) "
              "| store round trips, all ranks | DNS queries, all ranks | file opens, all ranks | code MiB read, all ranks "
@@ -751,8 +753,55 @@ def scaling(report: dict[str, Any]) -> list[str]:
                      f"{s['code_mib_read']['sum']:.0f} | {s['checkpoint_mib_read']['sum']:.2f} | "
                      f"{s['socket_mib_received']['median']:.2f} | {s['peak_rss_mib']['median']:.0f} MiB, "
                      f"{8 * s['peak_rss_mib']['median'] / 1024:.1f} GiB |")
-    lines += ["", report.get("findings", ""), ""]
+    lines += ["", *findings(rows), ""]
     return lines
+
+
+def findings(rows: list[tuple[int, str, dict[str, Any]]]) -> list[str]:
+    """What the smallest and the largest start say, in sentences built from the measured numbers."""
+    def others(s: dict[str, Any]) -> float:
+        return s["store_round_trips"]["sum"] - s["store_round_trips"]["rank0"]
+
+    starts = [(n, s) for n, name, s in rows if name.endswith("start")]
+    requeues = [(n, s) for n, name, s in rows if name.endswith("requeued")]
+    if len(starts) < 2:
+        return []
+    (n1, a), (n2, b) = starts[0], starts[-1]
+    k = n2 / n1
+    out = [f"From {n1} to {n2} ranks ({k:.0f}x), at each start:", "",
+           f"- flat per rank: file opens ({a['opens']['median']:.0f} -> {b['opens']['median']:.0f}, of them "
+           f"{a['failed_opens']['median']:.0f} -> {b['failed_opens']['median']:.0f} failed: Python's import search), code "
+           f"read ({a['code_mib_read']['median']:.1f} -> {b['code_mib_read']['median']:.1f} MiB: interpreter, torch, DALI, "
+           f"the run's code snapshot), data-index read ({a['index_kib_read']['median']:.0f} -> "
+           f"{b['index_kib_read']['median']:.0f} KiB), peak RSS ({a['peak_rss_mib']['median']:.0f} -> "
+           f"{b['peak_rss_mib']['median']:.0f} MiB), socket bytes received ({a['socket_mib_received']['median']:.1f} -> "
+           f"{b['socket_mib_received']['median']:.1f} MiB). So the job's totals grow with the ranks: "
+           f"{a['opens']['sum']:.0f} -> {b['opens']['sum']:.0f} opens and {a['code_mib_read']['sum']:.0f} -> "
+           f"{b['code_mib_read']['sum']:.0f} MiB of code asked of the file system at once; from a venv on a shared "
+           f"file system, that is the import storm a real cluster feels at every start and every requeue (a venv "
+           f"or container image on node-local disk takes it off the shared one).",
+           f"- grows per rank: TCP connections ({a['connects']['median']:.0f} -> {b['connects']['median']:.0f} per rank, "
+           f"median; {a['connects']['sum']:.0f} -> {b['connects']['sum']:.0f} in all: gloo connects every pair of ranks, "
+           f"{n1 * (n1 - 1) // 2} -> {n2 * (n2 - 1) // 2} pairs), and TCPStore round trips ({a['store_round_trips']['median']:.0f} -> "
+           f"{b['store_round_trips']['median']:.0f} per rank, about {a['store_round_trips']['median'] / (n1 - 1):.1f} / "
+           f"{b['store_round_trips']['median'] / (n2 - 1):.1f} per other rank: gloo's pairs meet through the store; "
+           f"{others(a):.0f} -> {others(b):.0f} for all ranks but 0, {others(b) / max(1, others(a)):.1f}x for {k:.0f}x the "
+           f"ranks: quadratic, all served by the one store that rank 0 hosts).",
+           f"- on rank 0 alone: its own store round trips ({a['store_round_trips']['rank0']:.0f} -> "
+           f"{b['store_round_trips']['rank0']:.0f}: it polls while it waits for the others, so they follow how long the "
+           f"slowest rank takes to arrive more than the rank count) and its DNS queries "
+           f"({a['dns_queries']['rank0']:.0f} -> {b['dns_queries']['rank0']:.0f}, about one per rank; the other ranks send "
+           f"{a['dns_queries']['median']:.0f}; the library itself resolves no names, so they come from inside torch); on a real cluster one slow resolver answer per rank delays everyone's start."]
+    if requeues:
+        (m1, c), (m2, d) = requeues[0], requeues[-1]
+        out.append(f"- the checkpoint at a resume: read from files by rank 0 only ({c['checkpoint_mib_read']['rank0']:.2f} MiB "
+                   f"at {m1} ranks, {d['checkpoint_mib_read']['rank0']:.2f} MiB at {m2}: the file once; every other rank "
+                   f"0 bytes) and "
+                   f"broadcast to the others over gloo (socket bytes received per rank at the resume "
+                   f"{c['socket_mib_received']['median']:.1f} / {d['socket_mib_received']['median']:.1f} MiB against "
+                   f"{a['socket_mib_received']['median']:.1f} / {b['socket_mib_received']['median']:.1f} MiB at the first "
+                   f"start): the shared file system's share does not grow with the ranks.")
+    return out
 
 
 def main() -> None:
