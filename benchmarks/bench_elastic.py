@@ -726,7 +726,7 @@ def markdown(report: dict[str, Any]) -> str:
                 cell(s, "connects", total=True),
                 cell(s, "store_requests", total=True), cell(s, "store_round_trips", total=True),
                 cell(s, "socket_mib_received", "{:.2f}", True)]) + " |")
-    lines += scaling(report)
+    lines += ["", *scaling(report)]
     return "\n".join(lines)
 
 
@@ -790,8 +790,8 @@ def findings(rows: list[tuple[int, str, dict[str, Any]]]) -> list[str]:
            f"- on rank 0 alone: its own store round trips ({a['store_round_trips']['rank0']:.0f} -> "
            f"{b['store_round_trips']['rank0']:.0f}: it polls while it waits for the others, so they follow how long the "
            f"slowest rank takes to arrive more than the rank count) and its DNS queries "
-           f"({a['dns_queries']['rank0']:.0f} -> {b['dns_queries']['rank0']:.0f}, about one per rank; the other ranks send "
-           f"{a['dns_queries']['median']:.0f}; the library itself resolves no names, so they come from inside torch); on a real cluster one slow resolver answer per rank delays everyone's start."]
+           f"({a['dns_queries']['rank0']:.0f} -> {b['dns_queries']['rank0']:.0f}, about one per rank; the others a few each: median "
+           f"{a['dns_queries']['median']:.0f} / {b['dns_queries']['median']:.0f}; the library itself resolves no names, so they come from inside torch); on a real cluster one slow resolver answer per rank delays everyone's start."]
     if requeues:
         (m1, c), (m2, d) = requeues[0], requeues[-1]
         out.append(f"- the checkpoint at a resume: read from files by rank 0 only ({c['checkpoint_mib_read']['rank0']:.2f} MiB "
