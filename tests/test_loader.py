@@ -267,6 +267,7 @@ def test_workers_are_spawned_once_dali_reports_the_cuda_driver_initialised(clean
 
 _RUNNER = """
 import sys
+import time
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import index_train
 from pipeline.input_spec import CropSchedule, Runtime, TrainInput
@@ -277,6 +278,8 @@ spec = TrainInput(batch_size=4, crop=CropSchedule(32), aug=AugmentSpec(), seed=0
 loader = TrainLoader(index_train(sys.argv[1]), spec)
 with loader:
     print(" ".join(map(str, sorted(child_pids()))), flush=True)
+    if sys.argv[2:] == ["idle"]:  # a rank whose loader never ran a batch (a val loader before the first eval)
+        time.sleep(600)
     epoch = 0
     while True:
         loader.set_epoch(epoch)
@@ -286,17 +289,18 @@ with loader:
 """
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill", "sigkill before any batch"])
 def test_no_orphans_after_ctrl_c_or_a_killed_parent(small_tree: Path, how: str) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(small_tree)], stdout=subprocess.PIPE,
+    idle = ["idle"] if how == "sigkill before any batch" else []
+    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(small_tree), *idle], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         workers = {int(p) for p in proc.stdout.readline().split()}
         assert len(workers) == 2
-        time.sleep(1.0)  # mid-epoch, workers busy
+        time.sleep(1.0)  # mid-epoch, workers busy (or idle, never having had a batch)
         if how == "ctrl-c":  # the terminal signals the whole foreground process group
             os.killpg(proc.pid, signal.SIGINT)
         else:
