@@ -67,7 +67,7 @@ def fixed_size_graph(source: TrainSource, runtime: Runtime, side: int):
 def graph_rate(index: Any, spec: BenchSpec, fixed: bool) -> float:
     """Images/s of the training graph alone (per-sample or fixed output side), DALI outputs only."""
     s = spec.input
-    source = TrainSource(str(index.root), index.files, index.labels, ClassAwareSampler(index.labels, 1, 0, s.seed), s,
+    source = TrainSource(str(index.root), index.files, index.labels, (ClassAwareSampler(index.labels, 1, 0, s.seed),), s,
                          0, 0, samples=index.samples)
     args = pipeline_args(s.batch_size, s.runtime)
     pipe = (fixed_size_graph(source=source, runtime=s.runtime, side=s.crop_size(0), **args) if fixed

@@ -184,7 +184,7 @@ def stage_batches(index: ImageIndex, stage: str, spec: BenchSpec) -> Iterator[It
     sampler = ClassAwareSampler(index.labels, 1, 0, spec.input.seed)
     # The crop region and flip only (the same boxes as `full`: rotation and colour draw other uniforms).
     flat = replace(spec.input.aug, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    source: Any = TrainSource(str(index.root), index.files, index.labels, sampler, replace(spec.input, aug=flat), 0, 0,
+    source: Any = TrainSource(str(index.root), index.files, index.labels, (sampler,), replace(spec.input, aug=flat), 0, 0,
                               samples=index.samples)
     if stage == "naive":
         source = NaiveSource(source, spec.input.aug)

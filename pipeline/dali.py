@@ -135,25 +135,31 @@ def pinned_decoder_bytes(decoder: dict[str, Any], threads: int) -> int:
 class TrainSource:
     """Batch callback of the training graph (runs in DALI's Python workers; picklable).
 
-    Batch `iteration` of DALI epoch j holds this rank's samples ``k = iteration * batch_size + (start
-    if j == 0) ...`` of epoch ``first_epoch + j``, at global positions ``sampler.global_positions()[k]``,
-    drawn for that epoch's crop size (`TrainInput.crop_size`). Returns the JPEG bytes, the (B,
-    PARAM_COLUMNS) float32 rows and the (B, 4) int64 `TRAIN_IDS` rows.
+    A process reads one shard (rank) of the sample order, or several (the virtual ranks it hosts,
+    `samplers`, one per shard): each batch is one shard's `batch_size` samples, and the shards take
+    turns, so a step is len(samplers) batches in shard order. Batch `iteration` of DALI epoch j holds
+    shard ``iteration % len(samplers)``'s samples ``k = (iteration // len(samplers)) * batch_size +
+    (start if j == 0) ...`` of epoch ``first_epoch + j``, at global positions
+    ``sampler.global_positions()[k]``, drawn for that epoch's crop size (`TrainInput.crop_size`); in DALI
+    epoch 0 the first `skip` batches are left out (a pipeline rebuilt inside a step). Returns the JPEG
+    bytes, the (B, PARAM_COLUMNS) float32 rows and the (B, 4) int64 `TRAIN_IDS` rows.
     """
 
     root: str
     files: Sequence[str]
     labels: np.ndarray
-    sampler: Any  # pipeline.sampling sampler (pure: rank_indices(epoch), global_positions(start, stop))
+    samplers: Sequence[Any]  # pipeline.sampling samplers of this process's shards (pure: rank_indices, global_positions)
     spec: TrainInput  # batch size, seed, augmentation, crop size per epoch, normalisation
     first_epoch: int
-    start: int
+    start: int  # samples of each shard already used in the first epoch
     bad: frozenset = frozenset()  # dataset indices known to be undecodable
     owner_pid: int = 0  # the loader's process; a worker is any other
     samples: Any = None  # a pack's PackedSamples: bytes by offset and sizes from its index; else files
+    skip: int = 0  # batches of the first step already delivered (a rebuild inside a step)
 
     def __post_init__(self) -> None:
         self.owner_pid = self.owner_pid or os.getpid()
+        self.samplers = tuple(self.samplers)
 
     @property
     def batch_size(self) -> int:
@@ -164,18 +170,22 @@ class TrainSource:
         return self.spec.seed
 
     def epoch_batches(self, dali_epoch: int) -> int:
-        """Whole batches of this rank in DALI epoch j, from the start point."""
+        """Batches of DALI epoch j (every shard's whole batches), from the start point."""
         start = self.start if dali_epoch == 0 else 0
-        return (len(self.sampler) - start) // self.batch_size
+        skip = self.skip if dali_epoch == 0 else 0
+        return (len(self.samplers[0]) - start) // self.batch_size * len(self.samplers) - skip
 
     def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         die_with_parent(self.owner_pid)
         if info.iteration >= self.epoch_batches(info.epoch_idx):
             raise StopIteration
         epoch = self.first_epoch + info.epoch_idx
-        k = info.iteration * self.batch_size + (self.start if info.epoch_idx == 0 else 0)
-        indices = self.sampler.rank_indices(epoch)[k:k + self.batch_size]
-        positions = self.sampler.global_positions(k, k + self.batch_size)
+        first = info.epoch_idx == 0
+        step, shard = divmod(info.iteration + (self.skip if first else 0), len(self.samplers))
+        k = step * self.batch_size + (self.start if first else 0)
+        sampler = self.samplers[shard]
+        indices = sampler.rank_indices(epoch)[k:k + self.batch_size]
+        positions = sampler.global_positions(k, k + self.batch_size)
         jpegs, sizes, replaced = [], np.empty((len(indices), 2), np.int64), np.full(len(indices), -1, np.int64)
         read_ns = np.empty(len(indices), np.int64)
         for j, (index, position) in enumerate(zip(indices.tolist(), positions.tolist())):

@@ -106,8 +106,10 @@ def apply_colour(images: torch.Tensor, colour: torch.Tensor, dtype: torch.dtype,
     luma = _luma(pixels.device, pixels.dtype)
     # Contrast pivots on the mean luma; every 5th pixel (10,035 of a 224x224 image; 5 is coprime with
     # the width, so the samples do not stack in columns) gives it to well under a grey level, at a
-    # fifth of the cost of a full pass.
-    gray_mean = pixels[:, ::5].mean(dim=1) @ luma
+    # fifth of the cost of a full pass. A product and a sum per row, not `@ luma`: a matrix-vector
+    # product rounds a row differently with the batch around it, and a sample must come out the same
+    # bits in a batch of one virtual rank or of several (training.virtual).
+    gray_mean = (pixels[:, ::5].mean(dim=1) * luma).sum(dim=1)
     m, t = colour[:, :, :3], colour[:, :, 3] + colour[:, :, 4] * gray_mean[:, None]
     out = None
     if dtype != images.dtype and work is not None and work.numel() == images.numel():
@@ -191,23 +193,27 @@ _L = TypeVar("_L", bound=_Closing)
 
 
 class TrainLoader(_Closing):
-    """Augmented training batches of this rank: DALI graph fed in (class-aware) sampler order.
+    """Augmented training batches of this process: DALI graph fed in (class-aware) sampler order.
 
     Args:
         index: training images; files in `exclude` are dropped before sampling.
         spec: what the batches hold (`pipeline.input_spec.TrainInput`: batch size per rank, seed, sampling,
             samples per epoch, augmentation, the crop size of each epoch, normalisation, dtype, layout) and
             how they are produced (its `runtime`: device, threads, Python workers, prefetch, decoder).
-        rank, world_size: global rank and world size (shards are interleaved, pipeline.sampling).
+        rank, world_size: the (first) shard this process reads and the number of shards: the global rank and
+            world size, or a run's virtual ranks (shards are interleaved, pipeline.sampling).
+        hosted: how many shards this process reads, rank .. rank + hosted - 1 (the virtual ranks it hosts).
         exclude: root-relative paths never to read (check-data's exclusion list).
 
-    Iterating yields (images, labels): images (B, C, S, S) or (B, S, S, C) normalised, S =
-    `spec.crop_size(epoch)`, labels int64, both on the loader's device. `take_timings()` says where the
-    host time of the batches since its last call went (`InputTimes`: the stall alarm's and
-    `bench-train`'s breakdown), from host clocks only.
+    Iterating yields (images, labels), one batch of `spec.batch_size` per shard and step, the shards of a
+    step in turn: images (B, C, S, S) or (B, S, S, C) normalised, S = `spec.crop_size(epoch)`, labels
+    int64, both on the loader's device. A shard's batch is the same whichever process reads it, and
+    with however many other shards (one DALI batch each). `take_timings()` says where the host time of
+    the batches since its last call went (`InputTimes`: the stall alarm's and `bench-train`'s
+    breakdown), from host clocks only.
     """
 
-    def __init__(self, index: ImageIndex, spec: TrainInput, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, index: ImageIndex, spec: TrainInput, *, rank: int = 0, world_size: int = 1, hosted: int = 1,
                  exclude: set[str] | frozenset[str] = frozenset()) -> None:
         if spec.sampling not in SAMPLERS:
             raise ValueError(f"sampling={spec.sampling!r} is invalid; use one of {sorted(SAMPLERS)}")
@@ -216,19 +222,27 @@ class TrainLoader(_Closing):
         self.index = index.without(exclude)
         if not len(self.index):
             raise ValueError(f"{index.root}: no training images left after excluding {len(exclude)} files")
-        self.sampler = SAMPLERS[spec.sampling](self.index.labels, world_size, rank, spec.seed, spec.samples_per_epoch)
-        if len(self.sampler) < spec.batch_size:
-            raise ValueError(f"batch_size={spec.batch_size} exceeds this rank's {len(self.sampler)} samples per epoch; "
-                             f"use a smaller batch or more samples_per_epoch")
+        self.samplers = self._samplers(rank, world_size, hosted)
         self.stats: dict[str, Any] = {"replaced_samples": 0, "replaced_files": 0, "bad_files": [], "rebuilds": 0}
         self._bad: set[int] = set()
-        self._epoch, self._start, self._consumed = 0, 0, 0
+        self._epoch, self._start, self._consumed, self._micro = 0, 0, 0, 0
         self._run: DaliProcesses | None = None
         self._work: torch.Tensor | None = None  # apply_colour's scratch
-        self._run_next: tuple[int, int] | None = None  # (epoch, sample) the pipeline delivers next
+        # (epoch, samples of each shard, batches of the step) the pipeline delivers next
+        self._run_next: tuple[int, int, int] | None = None
         self._times = InputTimes()
         self._cold = True  # the next batch comes from a pipeline just built or reset
         self._open(0, 0)  # workers start now, before the caller initialises CUDA
+
+    def _samplers(self, rank: int, world_size: int, hosted: int) -> tuple[Any, ...]:
+        if hosted < 1 or rank + hosted > world_size:
+            raise ValueError(f"shards {rank}..{rank + hosted - 1} are out of range for {world_size} shards")
+        spec = self.spec
+        first = SAMPLERS[spec.sampling](self.index.labels, world_size, rank, spec.seed, spec.samples_per_epoch)
+        if len(first) < spec.batch_size:
+            raise ValueError(f"batch_size={spec.batch_size} exceeds this rank's {len(first)} samples per epoch; "
+                             f"use a smaller batch or more samples_per_epoch")
+        return (first, *(first.for_rank(rank + j) for j in range(1, hosted)))
 
     # ------------------------------------------------------------------ public interface
     @property
@@ -236,21 +250,41 @@ class TrainLoader(_Closing):
         return self.spec.batch_size
 
     @property
+    def sampler(self) -> Any:
+        """The sampler of the first shard this process reads (the others are its siblings)."""
+        return self.samplers[0]
+
+    @property
+    def hosted(self) -> int:
+        """Shards this process reads: batches per step."""
+        return len(self.samplers)
+
+    @property
     def crop_size(self) -> int:
         """The side of this epoch's images (`spec.crop_size(epoch)`): it changes only at an epoch boundary."""
         return self.spec.crop_size(self._epoch)
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (the same on every rank)."""
-        return len(self.sampler) // self.batch_size
+        """Batches per epoch from this process (the same in every process): each shard's whole batches."""
+        return len(self.sampler) // self.batch_size * self.hosted
+
+    def shard(self, rank: int, world_size: int, hosted: int = 1) -> None:
+        """Read shards rank .. rank + hosted - 1 of `world_size` from now on, from the start of the current epoch
+        (`load_state_dict` then places it); the pipeline is rebuilt at the next iteration."""
+        self.samplers = self._samplers(rank, world_size, hosted)
+        for sampler in self.samplers:
+            sampler.set_epoch(self._epoch)
+        self._start = self._consumed = self._micro = 0
+        self._run_next = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; the epoch just resumed keeps its resume point."""
         if epoch < 0:
             raise ValueError(f"epoch={epoch} is invalid; epochs count from 0")
         if epoch != self._epoch:
-            self._epoch, self._start, self._consumed = epoch, 0, 0
-            self.sampler.set_epoch(epoch)
+            self._epoch, self._start, self._consumed, self._micro = epoch, 0, 0, 0
+            for sampler in self.samplers:
+                sampler.set_epoch(epoch)
 
     @property
     def epoch(self) -> int:
@@ -258,18 +292,21 @@ class TrainLoader(_Closing):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._epoch, self._start
-        self._start, self._consumed = 0, start  # iterating this epoch again starts at its beginning
-        if self._run_next != (epoch, start):
+        self._start, self._consumed, self._micro = 0, start, 0  # iterating this epoch again starts at its beginning
+        if self._run_next != (epoch, start, 0):
             self._open(epoch, start)
         for _ in range((len(self.sampler) - start) // self.batch_size):
-            images, labels = self._next_batch(epoch)
-            self._consumed += self.batch_size
-            self._run_next = (epoch, self._consumed)
-            yield images, labels
+            for _shard in range(self.hosted):
+                images, labels = self._next_batch(epoch)
+                self._micro += 1
+                if self._micro == self.hosted:  # a step's batches are all out: its samples count as used
+                    self._consumed, self._micro = self._consumed + self.batch_size, 0
+                self._run_next = (epoch, self._consumed, self._micro)
+                yield images, labels
         self._end_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch and GLOBAL position of the next sample (plain values; world-size independent)."""
+        """Epoch and GLOBAL position of the next sample (plain values; independent of the process count)."""
         sampler = self.sampler.state_dict(consumed=self._consumed)
         return {"format": STATE_FORMAT, "epoch": sampler["epoch"], "global_position": sampler["global_position"],
                 "batch_size": self.batch_size, "sampler": sampler}
@@ -278,9 +315,10 @@ class TrainLoader(_Closing):
         """Continue exactly where `state` was taken: same samples, same augmentation draws."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}")
-        self.sampler.load_state_dict(state["sampler"])
+        for sampler in self.samplers:
+            sampler.load_state_dict(state["sampler"])
         self._epoch, self._start = self.sampler.epoch, self.sampler.position
-        self._consumed = self._start
+        self._consumed, self._micro = self._start, 0
 
     def take_timings(self) -> InputTimes:
         """The host time per stage since the last call (see `InputTimes`), and start counting afresh."""
@@ -294,16 +332,16 @@ class TrainLoader(_Closing):
             run.close()
 
     # ------------------------------------------------------------------ pipeline lifecycle
-    def _open(self, epoch: int, start: int) -> None:
-        """(Re)build the pipeline so that it delivers (epoch, start) next."""
+    def _open(self, epoch: int, start: int, skip: int = 0) -> None:
+        """(Re)build the pipeline so that it delivers (epoch, start) next, less the step's first `skip` batches."""
         self.close()
         spec = self.spec
-        source = TrainSource(str(self.index.root), self.index.files, self.index.labels, self.sampler, spec, epoch,
-                             start, frozenset(self._bad), samples=self.index.samples)
+        source = TrainSource(str(self.index.root), self.index.files, self.index.labels, self.samplers, spec, epoch,
+                             start, frozenset(self._bad), samples=self.index.samples, skip=skip)
         pipe = train_pipeline(source=source, runtime=spec.runtime, seed=spec.seed,
                               **pipeline_args(spec.batch_size, spec.runtime))
         self._run = DaliProcesses(pipe, spec.runtime.py_workers)
-        self._run_next = (epoch, start)
+        self._run_next = (epoch, start, skip)
         self._cold = True
 
     def _next_batch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +356,7 @@ class TrainLoader(_Closing):
                 if attempt == MAX_REBUILDS or not self._find_bad_files(epoch, str(error)):
                     raise
                 self.stats["rebuilds"] += 1
-                self._open(epoch, self._consumed)
+                self._open(epoch, self._consumed, self._micro)
         self._cold = False
         t1 = time.perf_counter()
         ids = np.array(ids.as_tensor())  # (B, 4) on the host: TRAIN_IDS
@@ -349,7 +387,7 @@ class TrainLoader(_Closing):
             self._run.run()
         except StopIteration:
             self._run.reset()
-            self._run_next = (epoch + 1, 0)
+            self._run_next = (epoch + 1, 0, 0)
             self._cold = True  # the next epoch's first batch waits for the queues to fill again
         else:  # cannot happen with whole batches; rebuild rather than deliver a wrong sample
             self._run_next = None
@@ -358,7 +396,8 @@ class TrainLoader(_Closing):
         """Decode the batches in flight with PIL; remember the failures. False when none fails."""
         rt = self.spec.runtime
         ahead = (source_depth(rt.prefetch, rt.py_workers) + rt.prefetch + 2) * self.batch_size
-        indices = self.sampler.rank_indices(epoch)[self._consumed:self._consumed + ahead].tolist()
+        indices = [i for sampler in self.samplers
+                   for i in sampler.rank_indices(epoch)[self._consumed:self._consumed + ahead].tolist()]
         found = [i for i in dict.fromkeys(indices) if i not in self._bad and _undecodable(self.index, i)]
         for i in found:
             log.warning("undecodable file %s killed the input pipeline (%s); it is replaced by samples of its "

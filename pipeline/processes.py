@@ -8,7 +8,9 @@ they end, and that none outlives its parent (Linux).
   asks it, and spawns when the driver is up.
 - Signals: inside a Slurm job every task receives SIGTERM before a requeue or a time limit, and the
   job must keep running until its checkpoint; workers started inside `worker_signal_policy` ignore it.
-- Ends: a worker arms PR_SET_PDEATHSIG (`die_with_parent`), so it dies with the process that owns it;
+- Ends: a worker arms PR_SET_PDEATHSIG (`die_with_parent`) as it is forked (`workers_die_with_owner`; a
+  spawned one at its first batch), so it dies with the process that owns it, even one that never ran a
+  batch (a val loader's, before the first evaluation) when its owner leaves without closing it;
   `DaliProcesses.close` kills stragglers after a grace period; a launcher that starts ranks becomes a
   child subreaper (`become_subreaper`) and ends whatever a killed rank left behind (`kill_children`);
   a command that ran out of time is ended with everything it started (`kill_tree`).
@@ -113,6 +115,34 @@ def die_with_parent(owner_pid: int) -> None:
         os._exit(1)
 
 
+_FORK_OWNER = 0  # while workers are forked (`workers_die_with_owner`): the pid they must die with
+
+
+def _arm_forked_worker() -> None:
+    """In every child forked by this process (os.register_at_fork): arm the death signal if it is a worker."""
+    global _FORK_OWNER
+    owner, _FORK_OWNER = _FORK_OWNER, 0  # the worker's own children, if any, are not ours to arm
+    if owner:
+        die_with_parent(owner)
+
+
+os.register_at_fork(after_in_child=_arm_forked_worker)
+
+
+@contextlib.contextmanager
+def workers_die_with_owner() -> Iterator[None]:
+    """Processes forked inside this block arm PR_SET_PDEATHSIG at once, before they run anything: a worker that
+    waits for its first task would otherwise outlive an owner that leaves without closing it (os._exit after a
+    failed rank, SIGKILL). The death signal follows the forking thread: fork from the thread that keeps the
+    pipeline (the main one)."""
+    global _FORK_OWNER
+    _FORK_OWNER = os.getpid()
+    try:
+        yield
+    finally:
+        _FORK_OWNER = 0
+
+
 @contextlib.contextmanager
 def worker_signal_policy() -> Iterator[None]:
     """Workers forked or spawned inside this block inherit SIGTERM ignored when inside a Slurm job."""
@@ -137,7 +167,7 @@ class DaliProcesses:
         self.pipe = pipe
         before = child_pids()
         if py_workers:
-            with worker_signal_policy():
+            with worker_signal_policy(), workers_die_with_owner():
                 pipe.start_py_workers()
         self.worker_pids = sorted(child_pids() - before)
         self.built = False

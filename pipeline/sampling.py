@@ -6,8 +6,11 @@ communication, and a resumed run needs only (epoch, position), no RNG state.
 
 Sharding is **interleaved**: rank r's k-th sample is global position ``k * num_replicas + r``. So after
 every rank has taken k samples, the samples used are exactly the first ``k * num_replicas`` of the
-global order, which is what makes a run resumable with a different world size: the checkpoint stores
-that global position P, and W' ranks continue from sample P of the same order when W' divides P.
+global order: a checkpoint stores that global position P, and the same shards continue from it. A
+training run keeps its number of shards for its whole life (its virtual ranks, training.virtual): a
+process may read several of them (`for_rank`: siblings that share each epoch's order), so any number
+of processes that divides the shards continues the same batches; W' shards of their own would continue
+from sample P too, when W' divides P, but each would hold other samples than before.
 (Contiguous per-rank slices cannot do this: their consumed samples are W separate prefixes, not one.)
 It also makes each step's global batch a contiguous window of the global order, which is the
 mini-batch that Relay-BP balances. A rank's own m consecutive samples come from a global window of
@@ -27,6 +30,7 @@ order (other numpy, other data set) is refused instead of silently repeating or 
 """
 from __future__ import annotations
 
+import copy
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -146,6 +150,14 @@ def shuffle_order(dataset_size: int, num_samples: int, seed: int, epoch: int) ->
     return _reshuffled_lists(rng, dataset_size, num_samples).astype(np.int64)
 
 
+class _OrderCache:
+    """The global order of the epoch last asked for (mutable, so that siblings of one sampler share it)."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.order: np.ndarray | None = None
+
+
 class _ShardedSampler:
     """Shards a per-epoch global order over ranks and keeps a resumable position (shared by both samplers)."""
 
@@ -168,7 +180,7 @@ class _ShardedSampler:
         self.epoch = 0
         self._position = 0  # samples of this rank handed out in this epoch
         self._next_start = 0  # where the next __iter__ starts: the resume point once, then 0
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._orders = _OrderCache()  # shared with the siblings of `for_rank`
 
     def _order(self, epoch: int) -> np.ndarray:
         """The uncached global order of `epoch` (length samples_per_epoch)."""
@@ -184,11 +196,23 @@ class _ShardedSampler:
             Read-only int64 array of `samples_per_epoch` dataset indices; the first `total_size` are used.
         """
         epoch = _check_int("epoch", epoch, 0, "epochs count from 0")
-        if self._cache is None or self._cache[0] != epoch:
+        cache = self._orders
+        if cache.order is None or cache.epoch != epoch:
             order = self._order(epoch)
             order.flags.writeable = False  # shared by every caller: nobody may shuffle it in place
-            self._cache = (epoch, order)
-        return self._cache[1]
+            cache.epoch, cache.order = epoch, order
+        return cache.order
+
+    def for_rank(self, rank: int) -> _ShardedSampler:
+        """The same sampler for another rank of the same world, at the start of this one's epoch, sharing its
+        per-epoch order (one process that reads several ranks' shards computes each epoch's order once)."""
+        rank = _check_int("rank", rank, 0, "pass the global rank")
+        if rank >= self.num_replicas:
+            raise ValueError(f"rank={rank} is out of range for num_replicas={self.num_replicas}; "
+                             f"use a rank in 0..{self.num_replicas - 1}")
+        sibling = copy.copy(self)
+        sibling.rank, sibling._position, sibling._next_start = rank, 0, 0
+        return sibling
 
     def global_positions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Global position of this rank's samples start..stop-1 (default: all): the k-th is ``k * num_replicas + rank``.

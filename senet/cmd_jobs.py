@@ -58,27 +58,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def resubmit(args: argparse.Namespace) -> int:
-    """`senet submit --resume RUN_DIR`: the run folder's config and code, a new job resuming from its newest
-    checkpoint that verifies."""
+    """`senet submit --resume RUN_DIR [--nodes N] [--gpus-per-node G] ...`: the run folder's config and code, a new
+    job resuming from its newest checkpoint that verifies, on the run's shape or the one the flags give."""
     from slurm.client import SubmitError
     from slurm.job_folder import RunFolderError
+    from slurm.options import apply_cli
     from slurm.submit import resubmit as resubmit_run
     from training.build import preflight
     from training.run_folder import CONFIG
 
     given = [flag for flag, value in (("CONFIG", args.config), ("--set", args.set), ("--set-file", args.set_file),
-                                      ("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
                                       ("--out", args.out)) if value]
     if given:
-        raise UsageError(f"--resume continues a run with the config it holds; drop {', '.join(given)}")
+        raise UsageError(f"--resume continues a run with the config it holds (--nodes, --gpus-per-node, --partition, "
+                         f"--time, --account and --qos may change where it runs); drop {', '.join(given)}")
+    shape = apply_cli([], args.nodes, args.gpus_per_node, args.partition, args.time, args.account, args.qos, None)
     run_dir = Path(args.resume)
     try:
         if (run_dir / CONFIG).is_file():
-            cfg = load_config(run_dir / CONFIG)
+            cfg = load_config(run_dir / CONFIG, shape)
             if not args.no_preflight:
                 preflight(cfg, NOT_HERE)
             say_preemption(cfg, run_dir)
-        job, found = resubmit_run(run_dir, command=sys.argv)
+        job, found = resubmit_run(run_dir, command=sys.argv, shape=shape)
     except RunFolderError as e:
         raise UsageError(str(e)) from None
     except SubmitError as e:
@@ -88,9 +90,22 @@ def resubmit(args: argparse.Namespace) -> int:
     if found.note:
         print(found.note)
     print(f"submitted job {job.job_id}: continues {job.run_dir} from step {step} "
-          f"(checkpoints/{found.candidate.path.name})")
+          f"(checkpoints/{found.candidate.path.name}){on_shape(job.run_dir, found.candidate.path) if shape else ''}")
     print(f"follow it:  senet logs {job.job_id} --follow")
     return 0
+
+
+def on_shape(run_dir: Path, checkpoint: Path) -> str:
+    """' on 2 node(s) x 8 tasks, 2 of its 32 virtual ranks per process': the shape the run's new job asked for."""
+    from slurm.job_folder import read_job_file
+    from training.checkpoint import peek_checkpoint
+    from training.virtual import started_with
+
+    info = read_job_file(run_dir)
+    world = info["nodes"] * info["tasks_per_node"]
+    virtual = started_with(peek_checkpoint(checkpoint))
+    return (f" on {info['nodes']} node(s) x {info['tasks_per_node']} tasks, {virtual // world} of its {virtual} "
+            f"virtual ranks per process")
 
 
 def say_preemption(cfg: Config, run_dir: Path | None) -> None:
@@ -236,7 +251,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qos", metavar="Q", help="Slurm QOS (slurm.qos)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run of this run folder (its job has ended) from "
-                   "its newest checkpoint that verifies, with its own config and code")
+                   "its newest checkpoint that verifies, with its own config and code; --nodes and --gpus-per-node "
+                   "give it another shape (the process count must divide the run's virtual ranks)")
     p.add_argument("--no-preflight", action="store_true", help="skip the checks of data.root, the model and the "
                    "class count on this host (for data that only the compute nodes see)")
     p.add_argument("--json", metavar="F", help="write {job_id, run_dir} as JSON")

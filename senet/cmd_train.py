@@ -36,6 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc {args.nproc}: must be at least 1")
     in_job = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun, our launcher, or a Slurm wrapper
+    if not in_job:
+        from training.virtual import at_start
+
+        at_start(cfg, args.nproc, 0)  # --nproc must divide the virtual ranks the config asks for (a resume: the run's)
     if args.nproc > 1 and not in_job:
         if cfg.train.device == "gpu":
             from training.placement import gpu_count

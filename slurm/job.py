@@ -165,6 +165,10 @@ class SlurmControl(RunControl):
                 log.warning("scontrol requeue failed (%s); a preempted job is requeued by Slurm itself", e)
                 raise SystemExit(1) from None
 
+    def shape_facts(self) -> dict[str, Any]:
+        """The job and its attempt, for RUN/shapes.jsonl (the engine adds processes, nodes and virtual ranks)."""
+        return {"job": os.environ.get("SLURM_JOB_ID", ""), "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1}
+
     def on_rank_failure(self, verdict: Verdict) -> None:
         """On the rank that named a failure: continue the run in a new job without the suspect node, or stop it."""
         recovery.after_failure(self.job, verdict)

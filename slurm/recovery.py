@@ -11,7 +11,10 @@ timed out) is handled by the one rank that claimed the verdict:
   in this run so far), which resumes from the newest good checkpoint (`resume="auto"`), and then cancel
   this job: a requeue of it would wait for an unanswering node to be declared DOWN (SlurmdTimeout) and for
   its credential to expire, a new job waits for neither. At most `slurm.max_failure_requeues` times.
-  Fewer healthy nodes than the run needs: the new job pends until there are.
+  Fewer healthy nodes left in the partition than the run has (`sinfo`: not down, drained, failing or
+  unanswering, and not suspected): the new job asks for the most of them whose processes still divide
+  the run's virtual ranks (`training.virtual`: the same run on fewer processes, each hosting more virtual
+  ranks; RUN/shapes.jsonl records it), and pends only when no smaller shape works.
 
 A preemption by PreemptMode=CANCEL (or a mode that cannot be told, under QOS preemption) ends the job for
 good, so after the checkpoint at the warning the job submits the run's next job, to start once this one
@@ -23,20 +26,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from pipeline.errors import DataError
 from slurm.client import SlurmError, SubmitError, slurm_command
 from slurm.job_folder import RunFolderError, add_job, now, read_job_file
-from slurm.sbatch import sbatch_job
+from slurm.sbatch import sbatch_job, tasks_per_node
 from training.checkpoint import CheckpointError, peek_checkpoint
 from training.config import Config, ConfigError
 from training.engine import NonFiniteLoss
 from training.health import Verdict
 from training.metrics import read_metrics
 from training.run_folder import CHECKPOINTS, LAST, METRICS
+from training.virtual import started_with
 
 log = logging.getLogger("senet.slurm")
 
@@ -48,6 +52,8 @@ DETERMINISTIC = tuple(c.__name__ for c in (ConfigError, NonFiniteLoss, Checkpoin
 JOB_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SUBMITIT_", "SENET_RUN_ID")
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 KEEP_ENV = ("SLURM_CONF",)
+# sinfo's short node states in which a node can take a job (a suffix such as '*', not answering, excludes it)
+USABLE_STATES = ("idle", "mix", "alloc", "comp")
 
 
 class RunJob(Protocol):
@@ -135,6 +141,8 @@ def run_notes(run_dir: Path) -> dict[str, str]:
             text += f" -> continued as job {r.get('new_job')}"
             if r.get("exclude"):
                 text += f" without {','.join(r['exclude'])}"
+            if r.get("new_nodes") and r.get("job_nodes") and r["new_nodes"] != r["job_nodes"]:
+                text += f" on {r['new_nodes']} of its {r['job_nodes']} nodes"
         else:
             text += f"; run stopped: {r.get('reason', '')}"
         job = str(r.get("job"))
@@ -154,8 +162,10 @@ def after_failure(job: RunJob, verdict: Verdict) -> None:
                               "summary": summary(verdict)}
     if decision.action == "continue":
         try:
-            new, step = continue_run(job, exclude=decision.exclude)
-            record.update(action="continued", new_job=new, exclude=list(decision.exclude), resume_step=step)
+            nodes = nodes_left(job, decision.exclude)
+            new, step = continue_run(job, exclude=decision.exclude, nodes=nodes)
+            record.update(action="continued", new_job=new, exclude=list(decision.exclude), resume_step=step,
+                          new_nodes=nodes, job_nodes=job.cfg.slurm.nodes)
         except (SubmitError, RunFolderError) as e:
             decision = Decision("stop", f"the next job could not be submitted: {e}")
     if decision.action == "stop":
@@ -163,6 +173,8 @@ def after_failure(job: RunJob, verdict: Verdict) -> None:
     append_record(job.run_dir, record)
     if record["action"] == "continued":  # the verdict's own line came first (training.health)
         where = f" without {', '.join(decision.exclude)}" if decision.exclude else ""
+        if record["new_nodes"] != job.cfg.slurm.nodes:
+            where += f" on {record['new_nodes']} of its {job.cfg.slurm.nodes} nodes (the healthy ones left)"
         log.error("%s: the run continues as job %s%s from step %s (failure %d of slurm.max_failure_requeues = %d)",
                   record["summary"], record["new_job"], where, record["resume_step"],
                   1 + sum(1 for r in records if r.get("action") == "continued" and r.get("kind") != "preempted"),
@@ -190,18 +202,56 @@ def after_preemption(job: RunJob, mode: str, step: int) -> str:
     return new
 
 
-def continue_run(job: RunJob, exclude: tuple[str, ...] = (), after: str | None = None) -> tuple[str, int | None]:
+def continue_run(job: RunJob, exclude: tuple[str, ...] = (), after: str | None = None,
+                 nodes: int | None = None) -> tuple[str, int | None]:
     """Submit the run's next job (the same config, code snapshot and run folder) from inside a job.
+
+    Args:
+        nodes: the next job's nodes (default: this job's).
 
     Returns:
         The new job's id and the step its newest checkpoint holds (None if there is none yet).
     """
+    cfg = job.cfg if nodes in (None, job.cfg.slurm.nodes) else replace(job.cfg, slurm=replace(job.cfg.slurm, nodes=nodes))
     for name in [n for n in os.environ if (n.startswith(JOB_ENV_PREFIXES) or n in RANK_ENV) and n not in KEEP_ENV]:
         del os.environ[name]  # this process leaves next: sbatch must not take this job's facts for the next one's
-    new = sbatch_job(type(job)(job.cfg, job.run_dir, job.workdir), job.cfg, job.run_dir, exclude=exclude, after=after)
+    new = sbatch_job(type(job)(cfg, job.run_dir, job.workdir), cfg, job.run_dir, exclude=exclude, after=after)
     step = resume_step(job.run_dir)
-    add_job(job.run_dir, new, continued=now(), resumed_from_step=step)
+    add_job(job.run_dir, new, continued=now(), resumed_from_step=step, nodes=cfg.slurm.nodes,
+            tasks_per_node=tasks_per_node(cfg), gpus_per_node=cfg.slurm.gpus_per_node)
     return new, step
+
+
+def nodes_left(job: RunJob, exclude: Sequence[str]) -> int:
+    """The next job's nodes after a failure: the run's, or fewer when fewer healthy ones are left (`smaller_shape`)."""
+    s = job.cfg.slurm
+    healthy = usable_nodes(s.partition, exclude)
+    try:
+        virtual = started_with(peek_checkpoint(Path(job.run_dir) / CHECKPOINTS / LAST))
+    except CheckpointError:
+        return s.nodes  # nothing to resume yet: the run starts afresh, as configured
+    return smaller_shape(s.nodes, tasks_per_node(job.cfg), virtual, healthy)
+
+
+def smaller_shape(nodes: int, per_node: int, virtual_ranks: int, healthy: int | None) -> int:
+    """`nodes` when that many healthy ones are left (or sinfo could not tell), else the most of the `healthy`
+    whose processes (x `per_node`) divide `virtual_ranks`; `nodes` again (the job pends) when none does."""
+    if healthy is None or healthy >= nodes:
+        return nodes
+    fits = [n for n in range(healthy, 0, -1) if virtual_ranks % (n * per_node) == 0]
+    return fits[0] if fits else nodes
+
+
+def usable_nodes(partition: str | None, exclude: Sequence[str]) -> int | None:
+    """Nodes of the partition (every partition when None) that can take a job now or later and are not
+    excluded; None when sinfo cannot say."""
+    try:
+        out = slurm_command("sinfo", "-h", "-N", "-o", "%N %t", *(["-p", partition] if partition else []))
+    except SlurmError:
+        return None
+    usable = {line.split()[0] for line in out.splitlines()
+              if len(line.split()) == 2 and line.split()[1] in USABLE_STATES}
+    return len(usable - set(exclude))
 
 
 def resume_step(run_dir: Path) -> int | None:

@@ -45,7 +45,7 @@ SMALL = SyntheticSpec(classes=6, train_per_class=12, val_per_class=4, test=8, im
 LOADER_CROP = 32
 
 
-SHARD = ("rank", "world_size", "exclude")
+SHARD = ("rank", "world_size", "hosted", "exclude")
 
 
 def _split(kw: dict) -> tuple[dict, dict, dict]:
@@ -66,7 +66,7 @@ def train_spec(**kw) -> TrainInput:
 
 
 def train_loader(index: ImageIndex, **kw) -> TrainLoader:
-    """A TrainLoader of `train_spec(**kw)`; `rank`, `world_size` and `exclude` shard it."""
+    """A TrainLoader of `train_spec(**kw)`; `rank`, `world_size`, `hosted` and `exclude` shard it."""
     _, _, shard = _split(dict(kw))
     return TrainLoader(index, train_spec(**{k: v for k, v in kw.items() if k not in SHARD}), **shard)
 

@@ -201,7 +201,7 @@ def test_gpu_graphs_put_the_decoder_on_mixed_the_pixels_on_gpu_and_arguments_on_
 
     labels = np.array([0, 1, 0, 1])
     spec = train_spec(batch_size=2, crop_size=64, device="gpu", device_id=0, threads=4, py_workers=1)
-    source = TrainSource("/nowhere", ("a",) * 4, labels, ClassAwareSampler(labels, 1, 0, 0), spec, 0, 0)
+    source = TrainSource("/nowhere", ("a",) * 4, labels, (ClassAwareSampler(labels, 1, 0, 0),), spec, 0, 0)
     train = train_pipeline(source=source, runtime=spec.runtime, **pipeline_args(2, spec.runtime))
     ops, outputs = _graph(train)
     assert [(o.device) for o in outputs] == ["gpu", "gpu", "gpu", "cpu"]  # images, labels, colour; ids on the host

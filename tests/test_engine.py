@@ -1,10 +1,14 @@
 """Specification of the training engine's parts, in one process (fast; the multi-process runs are in
-test_train_cli.py): LR schedule of the recipe, optimizer choice, checkpoints, metrics log, DistInfo,
-non-finite loss detection, evaluation counts, and exact resume through a RunControl stop."""
+test_train_cli.py and test_virtual_ranks.py): LR schedule of the recipe, optimizer choice, checkpoints, metrics
+log, DistInfo, non-finite loss detection, evaluation counts, exact resume through a RunControl stop, and
+virtual ranks hosted by one process."""
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
+import re
 import sys
 import types
 from dataclasses import replace
@@ -12,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.loader import ResidentLoader
-from tests.helpers import BATCH, N_TRAIN, CheckpointRecorder, SignalAt, small_model, tensors
+from tests.helpers import BATCH, IN_MEMORY, N_TRAIN, CheckpointRecorder, SignalAt, small_model, tensors
 from training import engine
 from training.build import Data, build
 from training.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_checkpoint, unwrap
@@ -25,6 +30,8 @@ from training.optim import LRSchedule, build_optimizer, param_groups, real_apex_
 from training.placement import place_run
 from training.precision import resolve_precision
 from training.ranks import DistInfo
+from training.accumulate import VirtualGradients
+from training.virtual import VirtualRanks
 
 
 # --- LR schedule: the paper's recipe -----------------------------------------------------------------
@@ -426,3 +433,71 @@ def test_init_from_starts_from_the_weights_asked_for(in_memory, which: str) -> N
         r.close()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     assert all(torch.equal(started[k], expected[k]) for k in started)
+
+
+# --- virtual ranks: one process hosting several (training.virtual, training.accumulate) ----------------------
+
+def test_a_process_hosting_two_virtual_ranks_takes_their_mean_gradient_and_the_first_ones_bn_statistics() -> None:
+    cfg = load_config(None, IN_MEMORY)
+    model = small_model(cfg).train()
+    images, labels = tensors(2 * BATCH, 5)
+    halves = (slice(0, BATCH), slice(BATCH, 2 * BATCH))
+    alone = []
+    for j, rows in enumerate(halves):  # each virtual rank on its own, as a process of its own would compute it
+        twin = copy.deepcopy(model)
+        torch.manual_seed(j)  # dropout, as the engine seeds each virtual rank
+        F.cross_entropy(twin(images[rows]), labels[rows]).backward()
+        alone.append(([p.grad for p in twin.parameters()], [b.clone() for b in twin.buffers()]))
+
+    hosting = VirtualGradients(model, None, VirtualRanks(total=2, world_size=1, rank=0, batch_size=BATCH), exact=True)
+    for j, rows in enumerate(halves):
+        torch.manual_seed(j)
+        with hosting.micro_batch(j):
+            F.cross_entropy(model(images[rows]), labels[rows]).backward()
+    hosting.finish()
+    (g0, bn0), (g1, _) = alone
+    assert all(torch.equal(p.grad, (a + b) / 2) for p, a, b in zip(model.parameters(), g0, g1))
+    assert all(torch.equal(b, kept) for b, kept in zip(model.buffers(), bn0))  # virtual rank 0's statistics only
+
+
+def test_a_resume_keeps_the_runs_virtual_ranks_and_global_batch_and_refuses_others_in_one_line(in_memory) -> None:
+    fit, cfg, tmp = in_memory
+    run = tmp / "run"
+    fit(run, None, sets=["train.global_batch=16", "train.epochs=1"])  # 2 virtual ranks of 8 on this one process
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (ckpt["virtual_ranks"], ckpt["global_batch"], ckpt["world_size"], ckpt["step"]) == (2, 16, 1, 6)
+    assert ckpt["scheduler"]["samples"] == 6 * 16 and ckpt["config"]["train"]["virtual_ranks"] == 2
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
+    assert rows[0]["step"] == 4 and rows[0]["lr"] == pytest.approx(0.1 * 16 / 8 * 4 / 6)  # warm-up over 6 steps to
+    # the peak scaled to the global batch
+    assert [json.loads(line)["hosted"] for line in (run / "shapes.jsonl").read_text().splitlines()] == [2]
+
+    for asked, said in (("train.virtual_ranks=4", "train.virtual_ranks = 4 but "),
+                        ("train.global_batch=32", "train.global_batch = 32 but "),
+                        ("train.batch_size=4", "train.batch_size = 4 but ")):
+        with pytest.raises(ConfigError, match=said) as refused:
+            fit(run, "auto", sets=[asked, "train.epochs=2"])
+        assert "2 virtual ranks" in str(refused.value) and "global batch 16" in str(refused.value)
+    assert fit(run, "auto", sets=["train.virtual_ranks=2", "train.epochs=2"])["step"] == 12
+
+
+@pytest.mark.parametrize("sets, said", [
+    (["train.global_batch=20"], "train.global_batch = 20 is not a multiple of train.batch_size = 8"),
+    (["train.global_batch=16", "train.virtual_ranks=4"], "train.batch_size x train.virtual_ranks = 8 x 4 = 32"),
+])
+def test_a_global_batch_that_does_not_fit_the_batch_is_one_line(sets: list[str], said: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(None, [*IN_MEMORY, *sets])
+
+
+def test_the_schedules_state_is_in_samples_and_loads_only_into_the_same_global_batch() -> None:
+    s = LRSchedule(OptimConfig(lr=0.6, reference_batch=1024, warmup_epochs=1), 1024, 10, 3)
+    for _ in range(7):
+        s.step()
+    state = s.state_dict()
+    assert state["samples"] == 7 * 1024 and state["global_batch"] == 1024
+    t = LRSchedule(OptimConfig(lr=0.6, reference_batch=1024, warmup_epochs=1), 1024, 10, 3)
+    t.load_state_dict(state)
+    assert t.step_count == 7 and t.lr(t.step_count) == s.lr(s.step_count)
+    with pytest.raises(ValueError, match="not whole steps of this run's global batch 3072"):
+        LRSchedule(OptimConfig(lr=0.6, reference_batch=1024), 3072, 10, 3).load_state_dict(state)

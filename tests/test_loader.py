@@ -62,6 +62,37 @@ def test_same_draws_for_the_same_global_positions_under_another_world_size(clean
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def test_a_process_hosting_several_ranks_gets_each_ranks_own_batches_and_resumes_from_any_shape(clean) -> None:
+    """Virtual ranks 0-3 read by four loaders, or by two hosting two each: the same batches, bit for bit, in
+    rank order within a step; a position saved by the four continues in a hosting loader."""
+    index, bad = clean
+    shape = dict(exclude=bad, batch_size=3, samples_per_epoch=48)  # 4 steps of 3 per rank per epoch
+    alone = []
+    for rank in range(4):
+        with train_loader(index, rank=rank, world_size=4, **shape) as loader:
+            alone.append(list(loader))
+    for first in (0, 2):
+        with train_loader(index, rank=first, world_size=4, hosted=2, **shape) as hosting:
+            assert len(hosting) == 8 and hosting.hosted == 2
+            got = list(hosting)
+        expected = [alone[first + shard][step] for step in range(4) for shard in range(2)]
+        for (x, y), (x2, y2) in zip(expected, got, strict=True):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+    with train_loader(index, rank=0, world_size=4, **shape) as one:
+        it = iter(one)
+        next(it)
+        state = one.state_dict()  # one step done by each of the 4 ranks: global position 12
+    assert state["global_position"] == 12
+    with train_loader(index, rank=0, world_size=2, **shape) as hosting:  # built for another shape, then re-sharded
+        hosting.shard(0, 4, hosted=4)
+        hosting.load_state_dict(state)
+        got = [batch for batch, _ in zip(hosting, range(8))]  # steps 2 and 3 of all four ranks
+    expected = [alone[shard][step] for step in (1, 2) for shard in range(4)]
+    for (x, y), (x2, y2) in zip(expected, got, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_prefetch_depth_and_workers_do_not_change_the_batches(clean) -> None:
     index, bad = clean
     runs = []
@@ -236,6 +267,7 @@ def test_workers_are_spawned_once_dali_reports_the_cuda_driver_initialised(clean
 
 _RUNNER = """
 import sys
+import time
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import index_train
 from pipeline.input_spec import CropSchedule, Runtime, TrainInput
@@ -246,6 +278,8 @@ spec = TrainInput(batch_size=4, crop=CropSchedule(32), aug=AugmentSpec(), seed=0
 loader = TrainLoader(index_train(sys.argv[1]), spec)
 with loader:
     print(" ".join(map(str, sorted(child_pids()))), flush=True)
+    if sys.argv[2:] == ["idle"]:  # a rank whose loader never ran a batch (a val loader before the first eval)
+        time.sleep(600)
     epoch = 0
     while True:
         loader.set_epoch(epoch)
@@ -255,17 +289,18 @@ with loader:
 """
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill", "sigkill before any batch"])
 def test_no_orphans_after_ctrl_c_or_a_killed_parent(small_tree: Path, how: str) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(small_tree)], stdout=subprocess.PIPE,
+    idle = ["idle"] if how == "sigkill before any batch" else []
+    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(small_tree), *idle], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         workers = {int(p) for p in proc.stdout.readline().split()}
         assert len(workers) == 2
-        time.sleep(1.0)  # mid-epoch, workers busy
+        time.sleep(1.0)  # mid-epoch, workers busy (or idle, never having had a batch)
         if how == "ctrl-c":  # the terminal signals the whole foreground process group
             os.killpg(proc.pid, signal.SIGINT)
         else:

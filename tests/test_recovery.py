@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("submitit", reason="the slurm package needs submitit (pip install submitit)")
 
 from slurm.preemption import Cluster, Partition, RunTimes, mode_of, parse_config, parse_partitions, plan
-from slurm.recovery import decide, run_notes
+from slurm.recovery import decide, run_notes, smaller_shape
 from training.config import load_config
 from training.health import RankInfo, Verdict, diagnose, own_verdict
 from training.engine import NonFiniteLoss
@@ -124,3 +124,16 @@ def test_nothing_that_can_work_is_refused_and_what_periodic_checkpoints_carry_is
     assert cancel.fatal and "could not checkpoint and continue" in cancel.fatal
     slow_steps = plan(Partition("debug", "REQUEUE", 120), parse_config(CONFIG), cfg, RunTimes(write_s=5, step_s=100))
     assert any("longer than the time limit" in w for w in slow_steps.warnings)
+
+
+@pytest.mark.parametrize("nodes, per_node, virtual, healthy, continued_on", [
+    (4, 8, 32, 5, 4),  # enough healthy nodes: the run's own shape
+    (4, 8, 32, None, 4),  # sinfo cannot tell: the run's own shape
+    (4, 8, 32, 3, 2),  # 3 x 8 = 24 does not divide 32: 2 nodes, each process hosting 2 virtual ranks
+    (4, 8, 32, 1, 1),
+    (3, 8, 24, 2, 1),  # 16 does not divide 24, 8 does
+    (2, 3, 8, 1, 2),  # no smaller shape divides 8 virtual ranks: the run's own, pending until nodes come back
+])
+def test_a_failure_that_leaves_fewer_healthy_nodes_continues_on_the_largest_shape_that_divides_the_virtual_ranks(
+        nodes: int, per_node: int, virtual: int, healthy: int | None, continued_on: int) -> None:
+    assert smaller_shape(nodes, per_node, virtual, healthy) == continued_on

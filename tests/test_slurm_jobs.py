@@ -4,9 +4,11 @@ A 2-node x 2-task CPU (gloo) job on make-synthetic data completes and reports th
 a job interrupted the way a time limit interrupts it (USR2 via submitit's `_interrupt(timeout=True)`)
 and a job preempted by the `urgent` partition are requeued, resume from the checkpoint written at the
 signal, and end with parameters bit-identical to `senet train --nproc 4` (same world size); so does a
-cancelled run continued with `senet submit --resume` after its newest checkpoint was damaged. A rank
-stopped with SIGSTOP, then a node lost (its slurmd, step and ranks killed), are named, and the run
-continues each time in a new job without that node, to the same parameters; a job preempted on the
+cancelled run continued with `senet submit --resume --nodes 1` on half its processes (each hosting two of
+its four virtual ranks) after its newest checkpoint was damaged, while 3 nodes are refused. A rank
+stopped with SIGSTOP, then a node lost (its slurmd, step and ranks killed), then a rank stopped again
+are named, and the run continues each time in a new job without that node - the last time on the one
+healthy node left, its 2 processes hosting the run's 4 virtual ranks - to the same parameters; a job preempted on the
 `cancel` partition submits the run's next job itself, and names its injected slow rank; a NaN loss
 stops the run once, with one line. The sbatch script of the paper recipe and sbatch's refusals are
 checked without running anything.
@@ -32,6 +34,7 @@ import torch
 submitit = pytest.importorskip("submitit", reason="the Slurm tests need submitit (pip install submitit)")
 
 from pipeline.synthetic import SyntheticSpec, make_synthetic
+from slurm.recovery import usable_nodes
 from slurm.sbatch import check_job_config, parse_time, sbatch_parameters
 from senet.cli import main
 from training.config import ConfigError, load_config
@@ -277,7 +280,7 @@ def test_submit_refuses_what_training_would_reject_before_anything_is_queued(
         assert "--no-preflight" in err[0]
 
 
-def test_a_cancelled_run_continues_with_submit_resume_to_the_same_parameters(
+def test_a_cancelled_run_continues_on_half_its_nodes_with_submit_resume_to_the_same_parameters(
         cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
     job_id, run_dir = submit(workspace)
     assert main(["submit", "--resume", str(run_dir)]) == 2  # still queued or running: it resumes by itself
@@ -294,16 +297,29 @@ def test_a_cancelled_run_continues_with_submit_resume_to_the_same_parameters(
     assert newest.step == stopped_at
     flip_a_bit(run_dir / "checkpoints" / newest.file)
 
+    capsys.readouterr()
+    assert main(["submit", "--resume", str(run_dir), "--nodes", "3"]) == 2  # 6 processes cannot host 4 virtual ranks
+    (refused,) = capsys.readouterr().err.strip().splitlines()
+    assert "3 node(s) x 2 tasks = 6 processes cannot host the run's 4 virtual ranks" in refused
+    assert "with 2 tasks per node use --nodes 1 or 2" in refused
+    assert usable_nodes(None, ["node4"]) == 3  # what a failure's next job counts before it shrinks (none here)
+
     answer = workspace / "resume.json"
-    assert main(["submit", "--resume", str(run_dir), "--json", str(answer)]) == 0
+    assert main(["submit", "--resume", str(run_dir), "--nodes", "1", "--json", str(answer)]) == 0
     said = capsys.readouterr().out
     assert f"{newest.file} (sha256 differs" in said and f"continuing from step {previous.step}" in said, said
+    assert "on 1 node(s) x 2 tasks, 2 of its 4 virtual ranks per process" in said, said
     resumed = json.loads(answer.read_text())
     assert resumed["run_dir"] == str(run_dir) and resumed["resumed_from_step"] == previous.step
     wait_for_end(resumed["job_id"], run_dir)
-    assert json.loads((run_dir / "job.json").read_text())["jobs"] == [job_id, resumed["job_id"]]
+    info = json.loads((run_dir / "job.json").read_text())
+    assert info["jobs"] == [job_id, resumed["job_id"]] and (info["nodes"], info["tasks_per_node"]) == (1, 2)
     resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
     assert resumes == [previous.step]
+    shapes = [json.loads(line) for line in (run_dir / "shapes.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["step"], r["nodes"], r["tasks_per_node"], r["world_size"], r["virtual_ranks"], r["hosted"])
+            for r in shapes] == [(job_id, 0, 2, 2, 4, 4, 1), (resumed["job_id"], previous.step, 1, 2, 2, 4, 2)]
+    assert "nodes: 1" in (run_dir / "config.yaml").read_text()
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
 
 
@@ -404,7 +420,7 @@ def senet_jobs(capsys: pytest.CaptureFixture) -> dict[str, str]:
     return {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
 
 
-def test_a_stopped_rank_then_a_lost_node_are_named_and_the_run_continues_elsewhere_to_the_same_parameters(
+def test_a_stopped_rank_then_a_lost_node_then_another_stopped_rank_are_named_and_the_run_continues_elsewhere_and_at_last_on_the_one_node_left_to_the_same_parameters(
         cluster: dict[str, str], workspace: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture) -> None:
     first, run_dir = submit(workspace, "--set", FAULT_TIMEOUT)
     wait_until(lambda: steps_logged(run_dir) >= STEPS_PER_EPOCH + 2, JOB_TIMEOUT_S, f"job {first} past a checkpoint")
@@ -433,20 +449,36 @@ def test_a_stopped_rank_then_a_lost_node_are_named_and_the_run_continues_elsewhe
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
         third = next_job(run_dir, second)
-        wait_for_end(third, run_dir)
+        second_named = records(run_dir)[1]
+        # Two of the four nodes are suspects now: a third fault leaves one healthy node, and 1 x 2 processes
+        # still divide the run's 4 virtual ranks, so the run goes on there rather than pending for two.
+        wait_until(lambda: heartbeat(run_dir, third, 2)["step"] >= second_named["resume_step"] + 2, JOB_TIMEOUT_S,
+                   f"job {third} training")
+        again = heartbeat(run_dir, third, 2)
+        os.kill(again["pid"], signal.SIGSTOP)
+        fourth = next_job(run_dir, third)
+        wait_for_end(fourth, run_dir)
     finally:
         if killed:
             start_cluster()  # the lost node's slurmd again, so that later tests find four nodes
-    second_named = records(run_dir)[1]
     assert second_named["kind"] == "silent" and second_named["ranks"] == [2, 3], second_named
     assert second_named["exclude"] == sorted({hung["node"], lost["node"]}) and second_named["new_job"] == third
     assert not nodes_of(third) & {hung["node"], lost["node"]}
+    third_named = records(run_dir)[2]
+    suspects = {hung["node"], lost["node"], again["node"]}
+    assert third_named["ranks"] == [2] and third_named["exclude"] == sorted(suspects), third_named
+    assert third_named["new_job"] == fourth and third_named["new_nodes"] == 1, third_named
+    assert len(nodes_of(fourth)) == 1 and not nodes_of(fourth) & suspects
     resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "resume"]
-    assert resumes == [named["resume_step"], second_named["resume_step"]]
+    assert resumes == [named["resume_step"], second_named["resume_step"], third_named["resume_step"]]
+    shapes = [json.loads(line) for line in (run_dir / "shapes.jsonl").read_text().splitlines()]
+    assert [(r["job"], r["nodes"], r["world_size"], r["virtual_ranks"], r["hosted"]) for r in shapes] == [
+        (first, 2, 4, 4, 1), (second, 2, 4, 4, 1), (third, 2, 4, 4, 1), (fourth, 1, 2, 4, 2)], shapes
     assert_same_parameters(run_dir, request.getfixturevalue("reference"))
     listed = senet_jobs(capsys)
     assert f"-> continued as job {second} without {hung['node']}" in listed[first]
     assert f"-> continued as job {third} without " in listed[second]
+    assert f"-> continued as job {fourth} without " in listed[third] and "on 1 of its 2 nodes" in listed[third]
 
 
 def test_a_nan_loss_stops_the_run_once_in_one_line_and_senet_jobs_says_why(

@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from training import dist as distmod
+from training.accumulate import VirtualGradients
 from training.checkpoint_writer import CheckpointWriter
 from training.config import Config, ConfigError, runs_channels_last
 from training.control import RunControl
@@ -37,6 +37,7 @@ from training.placement import Placement, check_node, input_shm_bytes, mean_file
 from training.precision import Precision
 from training.run_folder import CHECKPOINTS, METRICS
 from training.stragglers import StragglerWatch, SyncTimer, slow_down_from_env
+from training.virtual import VirtualRanks, at_start, resolved
 from training.weights import check_init_from
 
 log = logging.getLogger("senet.train")
@@ -56,6 +57,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedule: LRSchedule
+    virtual: VirtualRanks  # the run's virtual ranks and this process's share (training.virtual)
+    gradients: VirtualGradients  # a step's gradient over all virtual ranks (training.accumulate)
     train_loader: Any
     val_loader: Any | None
     classes: tuple[str, ...]
@@ -66,6 +69,7 @@ class Run:
     health: Health  # heartbeats: names a hung, dead or failed rank (training.health)
     stragglers: StragglerWatch  # names the rank the others wait for (training.stragglers)
     ema: WeightEMA | None = None  # the weight EMA (train.ema_decay), None when off
+    optimizer_kind: str = ""  # which SGD implementation (`training.optim.build_optimizer`)
     closers: list[Callable[[], None]] = field(default_factory=list)  # what `build` started, undone by `close`
 
     def close(self) -> None:
@@ -104,6 +108,7 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
             this rank as configured; DataError: unreadable data.
     """
     configure_process(place)
+    virtual = at_start(cfg, place.dist.world_size, place.dist.rank)  # a resume may change it to its checkpoint's
     if place.is_main:
         log.info("placement: %s", place.describe())
     data = data or load_data(cfg)
@@ -113,7 +118,7 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
     try:
         if loaders is None:
             check_input_resources(cfg, place, data)
-            loaders = build_loaders(cfg, place, data)  # before CUDA/NCCL: DALI forks its Python workers
+            loaders = build_loaders(cfg, place, data, virtual)  # before CUDA/NCCL: DALI forks its Python workers
             closers += [loader.close for loader in loaders if loader is not None]
             if place.is_main:
                 log.info("input: %s", describe_inputs(cfg))
@@ -128,7 +133,7 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
         closers.append(health.close)
         distmod.check_distinct_gpus(place, group)
         return _assemble(cfg, place, Path(out_dir), data, train_loader, val_loader, model, control, group, health,
-                         closers)
+                         virtual, closers)
     except BaseException:
         for close in reversed(closers):
             close()
@@ -136,37 +141,30 @@ def build(cfg: Config, place: Placement, out_dir: Path, *, control: RunControl |
 
 
 def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader: Any, val_loader: Any | None,
-              model: nn.Module | None, control: RunControl, group: Any, health: Health,
+              model: nn.Module | None, control: RunControl, group: Any, health: Health, virtual: VirtualRanks,
               closers: list[Callable[[], None]]) -> Run:
-    """Model, DDP wrapper, optimizer, schedule, scaler and metrics log of this rank."""
+    """Model, DDP wrapper, gradient reduction, optimizer, schedule, scaler and metrics log of this rank."""
     dist, device, precision = place.dist, place.torch_device, place.precision
     model = build_model(cfg, device) if model is None else model.to(device)
     optimizer, kind = build_optimizer(model, cfg.optim, place.device)
     train_model: nn.Module = model
-    timer = None
+    ddp, timer = None, None
     if dist.distributed:
         # broadcast_buffers=False: no broadcast of every BN buffer before every forward. Training-mode BN
         # normalises with the batch's own statistics, so the running statistics change no gradient; rank
         # 0's are the ones checkpoints hold, and `engine.train` broadcasts them before each evaluation.
         # Rank 0 only ever sends, so its buffers (and every checkpoint) are the same either way.
-        train_model = nn.parallel.DistributedDataParallel(
+        ddp = train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
             broadcast_buffers=False)
+    # CPU: the virtual ranks' gradients added in one fixed order, exact whatever the world size; GPU: summed
+    gradients = VirtualGradients(model, ddp, virtual, exact=device.type == "cpu")
+    if ddp is not None:
         timer = SyncTimer(device)  # how long this rank waits for the others in each step
-        # CPU: exact resume with any number of ranks (see ordered_mean_hook); GPU: DDP's own all-reduce, timed
-        timer.attach(train_model, distmod.ordered_mean_hook if device.type == "cpu" else allreduce_hook)
+        timer.attach(ddp, gradients.hook)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} x {dist.world_size} ranks is larger than an "
-                          f"epoch's samples; lower train.batch_size or raise data.samples_per_epoch")
-    global_batch = cfg.train.batch_size * dist.world_size
-    schedule = LRSchedule(cfg.optim, global_batch, steps_per_epoch, cfg.train.epochs)
-    if dist.is_main:
-        log.info("%s on %s x %d (%s, %s), global batch %d, peak lr %.4g, %d steps/epoch, %d epochs, optimizer %s",
-                 cfg.model.arch, device.type, dist.world_size, precision.name, "DDP" if dist.distributed else "1 process",
-                 global_batch, schedule.peak, steps_per_epoch, cfg.train.epochs, kind)
+    schedule = make_schedule(cfg, virtual, train_loader)
     ema = None
     if cfg.train.ema_decay is not None:
         ema = WeightEMA(model, cfg.train.ema_decay, cfg.train.ema_every)
@@ -180,10 +178,52 @@ def _assemble(cfg: Config, place: Placement, out: Path, data: Data, train_loader
                                    t.checkpoint_every_min, dist.is_main, metrics)
     closers.append(checkpoints.close)  # closed before the metrics log: a landing write records its row
     stragglers = StragglerWatch(health.infos, dist.rank, cfg.train.log_every, timer, slow_down_from_env(dist.rank))
-    return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model, train_model=train_model,
-               optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule, train_loader=train_loader,
-               val_loader=val_loader, classes=tuple(data.classes), log=metrics, control=control, group=group,
-               checkpoints=checkpoints, health=health, stragglers=stragglers, ema=ema, closers=closers)
+    return Run(cfg=cfg, place=place, out=out, device=device, precision=precision, model=model,
+               train_model=train_model, optimizer=optimizer, scaler=precision.grad_scaler(), schedule=schedule,
+               virtual=virtual, gradients=gradients, train_loader=train_loader, val_loader=val_loader,
+               classes=tuple(data.classes), log=metrics, control=control, group=group, checkpoints=checkpoints,
+               health=health, stragglers=stragglers, ema=ema, closers=closers, optimizer_kind=kind)
+
+
+def make_schedule(cfg: Config, virtual: VirtualRanks, train_loader: Any) -> LRSchedule:
+    """The LR schedule of the run's global batch; an epoch is each virtual rank's whole batches.
+
+    Raises:
+        ConfigError: a virtual rank's batch is larger than its share of an epoch.
+    """
+    steps_per_epoch = len(train_loader) // virtual.hosted
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} x {virtual.total} virtual ranks is larger than "
+                          f"an epoch's samples; lower train.batch_size or raise data.samples_per_epoch")
+    return LRSchedule(cfg.optim, virtual.global_batch, steps_per_epoch, cfg.train.epochs)
+
+
+def use_virtual_ranks(r: Run, virtual: VirtualRanks) -> None:
+    """Give the run's loader, gradient reduction and schedule the virtual ranks `virtual` (a resumed run's, when
+    its checkpoint's differ from those it was built with), and write them into its config.
+
+    Raises:
+        ConfigError: the run's training loader cannot read other shards (a caller's own loader).
+    """
+    if virtual != r.virtual:
+        shard = getattr(r.train_loader, "shard", None)
+        if shard is None:
+            raise ConfigError(f"the run resumes with {virtual.total} virtual ranks but its training loader "
+                              f"({type(r.train_loader).__name__}) was made for {r.virtual.total} and cannot change its "
+                              f"shards; set train.virtual_ranks={virtual.total}")
+        shard(virtual.first, virtual.total, virtual.hosted)
+        r.virtual = r.gradients.virtual = virtual
+        r.schedule = make_schedule(r.cfg, virtual, r.train_loader)
+    r.cfg = resolved(r.cfg, virtual)
+
+
+def describe(r: Run) -> str:
+    """One line for the log: model, device, processes and virtual ranks, global batch, peak LR, steps per epoch."""
+    dist, v = r.place.dist, r.virtual
+    return (f"{r.cfg.model.arch} on {r.device.type} x {dist.world_size} ({r.precision.name}, "
+            f"{'DDP' if dist.distributed else '1 process'}), {v.describe()}, global batch {v.global_batch} "
+            f"({v.batch_size} per virtual rank), peak lr {r.schedule.peak:.4g}, {r.schedule.steps_per_epoch} "
+            f"steps/epoch, {r.cfg.train.epochs} epochs, optimizer {r.optimizer_kind}")
 
 
 def preflight(cfg: Config, root_hint: str = "") -> None:
@@ -298,16 +338,20 @@ def check_input_resources(cfg: Config, place: Placement, data: Data) -> None:
     check_node(place, shm_needed=shm, pinned_needed=pipelines * pinned_decoder_bytes(decoder, place.dali_threads))
 
 
-def build_loaders(cfg: Config, place: Placement, data: Data) -> tuple[Any, Any | None]:
-    """The DALI train and val loaders of this rank (sharded by the global rank), of the run's input specs."""
+def build_loaders(cfg: Config, place: Placement, data: Data,
+                  virtual: VirtualRanks | None = None) -> tuple[Any, Any | None]:
+    """The DALI train and val loaders of this rank, of the run's input specs: training reads the shards of the
+    virtual ranks it hosts (default: those of a run starting now), validation its share of the images."""
     from pipeline.loader import EvalLoader, TrainLoader
 
-    shard = dict(rank=place.dist.rank, world_size=place.dist.world_size, exclude=data.exclude)
-    train = TrainLoader(data.train, train_input(cfg, place), **shard)
+    v = virtual or at_start(cfg, place.dist.world_size, place.dist.rank)
+    train = TrainLoader(data.train, train_input(cfg, place), rank=v.first, world_size=v.total, hosted=v.hosted,
+                        exclude=data.exclude)
     val = None
     if data.val is not None:
-        try:
-            val = EvalLoader(data.val, eval_input(cfg, place), **shard)
+        try:  # every val image once over the processes
+            val = EvalLoader(data.val, eval_input(cfg, place), rank=place.dist.rank, world_size=place.dist.world_size,
+                             exclude=data.exclude)
         except BaseException:
             train.close()
             raise

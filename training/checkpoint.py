@@ -41,9 +41,11 @@ MODEL_KEYS = ("format_version", "kind", "model", "classes", "arch", "num_classes
 TRAINING_KEYS = MODEL_KEYS + ("optimizer", "scaler", "scheduler", "epoch", "step", "loader")
 # Keys a reader must not require, with the value an older file means by leaving them out.
 # "ema": the weight EMA (training.ema.WeightEMA.state_dict), None without one; "best_weights": whose top-1
-# best_top1 is, "raw" or "ema" (added in version 2 without a new version number, as it says above).
+# best_top1 is, "raw" or "ema"; "virtual_ranks" and "global_batch": what the run fixed when it started
+# (training.virtual), None in a file older than them, whose run started with its world_size (added in version 2
+# without a new version number, as it says above).
 OPTIONAL_KEYS: dict[str, Any] = {"mid_epoch": False, "world_size": None, "best_top1": -1.0, "last_val": {},
-                                 "best_weights": "raw", "ema": None}
+                                 "best_weights": "raw", "ema": None, "virtual_ranks": None, "global_batch": None}
 
 
 class CheckpointError(Exception):

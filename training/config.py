@@ -122,7 +122,16 @@ class TrainConfig:
     epochs: int = _key(100, "training epochs", min=1)
     init_from: str | None = _key(None, "checkpoint whose weights start a fresh run (a senet run's, or `senet "
                                  "import-weights`'); a resumed run continues from its own instead")
-    batch_size: int = _key(32, "images per process (per GPU) and step", min=1)
+    batch_size: int = _key(32, "images per virtual rank and step: per process (per GPU) when each process is one "
+                           "virtual rank", min=1)
+    virtual_ranks: int | None = _key(None, "virtual ranks, each with its own train.batch_size batch and slice of the "
+                                     "sample order, fixed when the run starts and kept by every resume; a process "
+                                     "hosts virtual_ranks / processes of them (gradient accumulation), so any "
+                                     "process count that divides it continues the same run; null = "
+                                     "train.global_batch / train.batch_size, else the starting world size", min=1)
+    global_batch: int | None = _key(None, "images per optimizer step over all virtual ranks (train.batch_size x "
+                                    "train.virtual_ranks); give it instead of virtual_ranks to accumulate a big "
+                                    "batch on few processes; null = that product", min=1)
     checkpoint_every: int = _key(1000, "write a checkpoint (checkpoints/ckpt-<step>.pt, named by last.pt) every this "
                                  "many steps, and at each epoch end", min=1)
     checkpoint_every_min: float | None = _key(None, "also write one when this many minutes have passed since the last, "
@@ -136,6 +145,9 @@ class TrainConfig:
     seed: int = _key(0, "seed of the sampling order, the augmentation draws and the initial weights", min=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _key("auto", "autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     compile: bool = _key(False, "torch.compile the model")
+    torch_threads: int | None = _key(None, "torch's intra-op threads per process; null = its CPU share. On the CPU, "
+                                     "fix it to keep a run bit-identical across process counts (torch's CPU "
+                                     "convolution backward splits its sums by thread)", min=1)
     log_every: int = _key(50, "steps between metrics.jsonl rows", min=1)
     data_wait_warn: float = _key(0.05, "warn (once per log row at most) when a rank waited for data more than this "
                                  "fraction of the row's time, naming the input setting to try; 1 = never", min=0.0,
@@ -404,6 +416,15 @@ def _validate(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any], w
 
 def _check_relations(cfg: Config, where: str) -> None:
     """Constraints between keys, which no single field can check."""
+    t = cfg.train
+    if t.global_batch is not None:
+        if t.global_batch % t.batch_size:
+            raise ConfigError(f"{where}: train.global_batch = {t.global_batch} is not a multiple of train.batch_size = "
+                              f"{t.batch_size} (each virtual rank has a whole batch)")
+        if t.virtual_ranks is not None and t.global_batch != t.batch_size * t.virtual_ranks:
+            raise ConfigError(f"{where}: train.global_batch = {t.global_batch} but train.batch_size x "
+                              f"train.virtual_ranks = {t.batch_size} x {t.virtual_ranks} = "
+                              f"{t.batch_size * t.virtual_ranks}; give one of the two")
     d = cfg.data
     if d.min_area > d.max_area:
         raise ConfigError(f"{where}: data.min_area = {d.min_area} exceeds data.max_area = {d.max_area}")

@@ -30,6 +30,11 @@ class RunControl:
     def on_checkpoint_saved(self, path: Path, step: int) -> None:
         """Called on every rank once a requested checkpoint is complete on disk (rank 0 wrote it)."""
 
+    def shape_facts(self) -> dict[str, Any]:
+        """What the launcher knows about where the run goes on now (e.g. a Slurm job and its attempt), recorded
+        with each start's shape in RUN/shapes.jsonl; nothing by default."""
+        return {}
+
     def on_rank_failure(self, verdict: Any) -> None:
         """Called on the one rank that names a failure (a `training.health.Verdict`), before it leaves.
 

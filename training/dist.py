@@ -128,28 +128,3 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
 def barrier(group: tdist.ProcessGroup | None = None) -> None:
     if tdist.is_initialized():
         tdist.barrier(group=group)
-
-
-def ordered_mean_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP inspects a hook's annotations at run time
-    """DDP communication hook: the gradient mean summed in rank order, whatever DDP's bucket layout.
-
-    Gloo's ring all-reduce adds the ranks' gradients in an order that depends on how a bucket is
-    chunked, and DDP rebuilds its buckets after the first step of every process - so a run resumed
-    from a checkpoint (first step again) would add in another order than the uninterrupted run and
-    drift in the last bits with 3 or more ranks. Gathering every rank's bucket and adding them in rank
-    order makes each step bit-exact across resumes, at W times the traffic: worth it on CPU (tests,
-    demos, exact-resume checks), so only used there.
-    """
-    tensor = bucket.buffer()
-    world = tdist.get_world_size()
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    future = tdist.all_gather(parts, tensor, async_op=True).get_future()
-
-    def mean(gathered):  # noqa: ANN001, ANN202
-        gathered.wait()  # re-raises the all-gather's failure: ignored, it left DDP's backward waiting forever
-        total = parts[0].clone()
-        for p in parts[1:]:
-            total += p
-        return total.div_(world)
-
-    return future.then(mean)

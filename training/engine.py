@@ -15,8 +15,13 @@ or, with parts of one's own (`training.build`):
 
 Exact resume: the initial weights come from `train.seed`; the loader's order and every augmentation
 draw are functions of (seed, epoch, global position); any other randomness in a step (dropout) is
-reseeded from (seed, step, rank) before the step. So a checkpoint needs only state_dicts and
-counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU.
+reseeded from (seed, step, virtual rank) before each micro-batch. So a checkpoint needs only state_dicts
+and counters, and a run killed after any checkpoint and resumed ends bit-identical on CPU - on any
+number of processes that divides its virtual ranks (`training.virtual`: a process hosts one or more,
+one micro-batch each per step, and the step's gradient is their mean in one fixed order,
+`training.accumulate`). The resolved config, each checkpoint and RUN/shapes.jsonl record the virtual
+ranks and the global batch; the LR schedule, the step and epoch counters continue across a change of
+shape as if none happened.
 
 Per epoch: the training crop size is the loader's spec's for that epoch (progressive resizing,
 `training.inputs`), logged as the epoch starts and written to the epoch's metrics row; with a weight
@@ -40,6 +45,8 @@ the fused optimizer's on-device skip.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import dist as distmod
-from training.build import Run, build, preflight
+from training.build import Run, build, describe, preflight, use_virtual_ranks
 from training.checkpoint import FORMAT_VERSION, CheckpointError
 from training.checkpoint_folder import continued_manifest
 from training.checkpoint_resume import read_resume
@@ -62,8 +69,9 @@ from training.control import RunControl
 from training.metrics import plot_curves, read_metrics
 from training.placement import Placement
 from training.precision import Precision
-from training.run_folder import CHECKPOINTS, CONFIG, CURVES, LAST, METRICS
+from training.run_folder import CHECKPOINTS, CONFIG, CURVES, LAST, METRICS, SHAPES
 from training.stall import StallMonitor
+from training.virtual import on_resume
 from training.weights import initialize_from
 
 log = logging.getLogger("senet.train")
@@ -118,7 +126,7 @@ def run(cfg: Config, place: Placement, out_dir: Path, resume: str | None = "auto
 def fit(r: Run, resume: str | None = "auto") -> dict[str, Any]:
     """Restore (or start fresh), train to `train.epochs` or a requested stop, draw the curves; the summary."""
     state = restore(r, resume)
-    write_run_files(r)
+    write_run_files(r, state)
     with r.health.guard():  # a hung, dead or failed rank leaves as one verdict naming it (training.health)
         summary = train(r, state)
     if r.place.is_main:
@@ -195,20 +203,18 @@ def train_one_epoch(r: Run, state: TrainState, stalls: StallMonitor | None = Non
     cfg = r.cfg.train
     steps_per_epoch = r.schedule.steps_per_epoch
     epoch_end = (state.epoch + 1) * steps_per_epoch
-    meter = StepMeter(r.device, images_per_step=cfg.batch_size * r.place.dist.world_size, stalls=stalls)
+    meter = StepMeter(r.device, images_per_step=r.virtual.global_batch, stalls=stalls)
     layout = batch_layout(r.cfg, r.place.device)
     r.train_model.train()
-    batches = iter(r.train_loader)
+    batches = iter(r.train_loader)  # one batch per hosted virtual rank and step, in virtual-rank order
     while True:
         t0 = time.perf_counter()
-        batch = next(batches, None)
+        micro = list(itertools.islice(batches, r.virtual.hosted))
         meter.waited(time.perf_counter() - t0)
-        if batch is None:
+        if len(micro) < r.virtual.hosted:
             break
-        images, labels = prepare_batch(*batch, r.precision, layout)
         lr = r.schedule.apply(r.optimizer)
-        seed_step(step_seed(cfg.seed, state.step, r.place.dist.rank), r.device)  # dropout etc.: derivable on resume
-        loss = train_step(r.train_model, images, labels, r.optimizer, r.scaler, r.precision, r.cfg.optim.label_smoothing)
+        loss = hosted_step(r, [prepare_batch(*batch, r.precision, layout) for batch in micro], state.step)
         r.schedule.step()
         state.step += 1
         if r.ema is not None:
@@ -248,15 +254,42 @@ def train_one_epoch(r: Run, state: TrainState, stalls: StallMonitor | None = Non
     return False
 
 
+def hosted_step(r: Run, batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
+    """One SGD step of the virtual ranks this process hosts, one micro-batch each (`training.virtual`).
+
+    Each micro-batch's randomness (dropout) is seeded from (seed, step, its virtual rank), and the step's
+    gradient is the mean over all virtual ranks (`training.accumulate`), so a step is the same whichever
+    process hosts which virtual rank. Returns the micro-batches' mean loss, on the device (no sync).
+    """
+    r.optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for j, (images, labels) in enumerate(batches):
+        seed_step(step_seed(r.cfg.train.seed, step, r.virtual.first + j), r.device)  # derivable on resume
+        with r.gradients.micro_batch(j):
+            losses.append(forward_backward(r.train_model, images, labels, r.scaler, r.precision,
+                                           r.cfg.optim.label_smoothing))
+    r.gradients.finish()
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, precision: Precision, label_smoothing: float) -> torch.Tensor:
-    """One SGD step; returns the loss, detached and still on the device (no sync)."""
-    with precision.autocast():
-        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+    """One SGD step of one batch; returns the loss, detached and still on the device (no sync)."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    loss = forward_backward(model, images, labels, scaler, precision, label_smoothing)
     scaler.step(optimizer)
     scaler.update()
+    return loss
+
+
+def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scaler: torch.amp.GradScaler,
+                     precision: Precision, label_smoothing: float) -> torch.Tensor:
+    """The loss of one batch and its (scaled) gradient, added to `.grad`; the loss detached, on the device."""
+    with precision.autocast():
+        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+    scaler.scale(loss).backward()
     return loss.detach()
 
 
@@ -397,11 +430,26 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-def write_run_files(r: Run) -> None:
-    """The resolved config next to the checkpoints (rank 0)."""
-    if r.place.is_main:
-        r.out.mkdir(parents=True, exist_ok=True)
-        (r.out / CONFIG).write_text(dump_yaml(r.cfg))
+def write_run_files(r: Run, state: TrainState) -> None:
+    """The resolved config next to the checkpoints, and this start's shape appended to shapes.jsonl (rank 0).
+
+    shapes.jsonl (append-only) has one row per start of the run: the step it starts from, its processes,
+    nodes and processes per node, its virtual ranks and global batch, and what the launcher adds
+    (`RunControl.shape_facts`: a Slurm job and attempt).
+    """
+    if not r.place.is_main:
+        return
+    r.out.mkdir(parents=True, exist_ok=True)
+    (r.out / CONFIG).write_text(dump_yaml(r.cfg))
+    per_node: dict[str, int] = {}
+    for info in r.health.infos.values():
+        per_node[info.node] = per_node.get(info.node, 0) + 1
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": state.step, "epoch": state.epoch,
+           "world_size": r.place.dist.world_size, "nodes": len(per_node), "tasks_per_node": max(per_node.values()),
+           "virtual_ranks": r.virtual.total, "hosted": r.virtual.hosted, "global_batch": r.virtual.global_batch,
+           **r.control.shape_facts()}
+    with open(r.out / SHAPES, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
@@ -421,6 +469,8 @@ def checkpoint_state(r: Run, state: TrainState) -> dict[str, Any]:
         "arch": r.cfg.model.arch,
         "num_classes": r.cfg.model.num_classes,
         "world_size": r.place.dist.world_size,
+        "virtual_ranks": r.virtual.total,  # training.virtual: fixed when the run started, kept by every resume
+        "global_batch": r.virtual.global_batch,
         "best_top1": state.best_top1,
         "best_weights": state.best_weights,  # which weights scored best_top1: "raw" or "ema"
         "last_val": dict(state.last_val),
@@ -449,7 +499,9 @@ def restore(r: Run, resume: str | None) -> TrainState:
     folder = r.out / CHECKPOINTS
     resumed = read_resume(resume, folder, r.group, r.place.is_main)
     if resumed is None:
+        use_virtual_ranks(r, r.virtual)
         if r.place.is_main:
+            log.info("%s", describe(r))
             r.checkpoints.start(continued_manifest(folder, None, None, 0))
         if r.place.is_main and r.log.path.is_file():
             r.log.truncate_after(0)  # a fresh run in a used folder: start the log afresh too
@@ -466,10 +518,15 @@ def restore(r: Run, resume: str | None) -> TrainState:
         if ckpt[key] != ours:
             shown = "the class list" if key == "classes" else f"{key} {ckpt[key]!r}"
             raise CheckpointError(f"{path}: holds {shown}, this run has a different one; start a new --out or --resume none")
+    dist = r.place.dist
+    use_virtual_ranks(r, on_resume(r.cfg, ckpt, str(path), dist.world_size, dist.rank))  # the run's, on this world
     r.model.load_state_dict(ckpt["model"])
     r.optimizer.load_state_dict(ckpt["optimizer"])
     r.scaler.load_state_dict(ckpt["scaler"])
-    r.schedule.load_state_dict(ckpt["scheduler"])
+    try:
+        r.schedule.load_state_dict(ckpt["scheduler"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     restore_ema(r, ckpt, path)
     state = TrainState(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]), mid_epoch=bool(ckpt["mid_epoch"]),
                        best_top1=float(ckpt["best_top1"]), best_weights=str(ckpt["best_weights"]),
@@ -483,6 +540,7 @@ def restore(r: Run, resume: str | None) -> TrainState:
         if resumed.note:
             log.warning("%s", resumed.note)
         log.info("resumed from step %d (epoch %d, %s)", state.step, state.epoch + 1, path)
+        log.info("%s", describe(r))
     return state
 
 

@@ -3,7 +3,9 @@
 Recipe (the SENet paper and its ILSVRC 2017 slides): momentum 0.9, weight decay 1e-4, LR 0.6 at batch 1024 scaled linearly to the
 global batch, divided by 10 every 30 epochs; optional linear warmup (large batches, Goyal et al. 2017),
 optional cosine or linear-to-zero decay instead of steps. The LR is a pure function of the optimizer
-step, so a resumed run needs only the step count.
+step, so a resumed run needs only how far it got: its state says it in samples (steps x global batch),
+which mean the same on any number of processes; a run's global batch is fixed when it starts
+(training.virtual), so they map back to the same step.
 
 Fused SGD: NVIDIA apex's `apex.optimizers.FusedSGD` when the real apex is importable, else
 `torch.optim.SGD(fused=True)` on GPU, else the plain (foreach) implementation. PyPI hosts an unrelated
@@ -107,6 +109,7 @@ class LRSchedule:
     """
 
     def __init__(self, cfg: OptimConfig, global_batch: int, steps_per_epoch: int, epochs: int) -> None:
+        self.global_batch = global_batch
         self.peak = scaled_lr(cfg, global_batch)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * epochs
@@ -138,8 +141,22 @@ class LRSchedule:
         self.step_count += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "peak": self.peak, "steps_per_epoch": self.steps_per_epoch,
+        """How far the schedule got, in samples (`samples`, `global_batch`), and what it was for the record."""
+        return {"samples": self.step_count * self.global_batch, "global_batch": self.global_batch,
+                "step_count": self.step_count, "peak": self.peak, "steps_per_epoch": self.steps_per_epoch,
                 "warmup_steps": self.warmup_steps, "kind": self.kind}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = int(state["step_count"])
+        """Continue after the samples `state` has seen (its step count, in a state older than samples).
+
+        Raises:
+            ValueError: those samples are not whole steps of this schedule's global batch.
+        """
+        if "samples" not in state:
+            self.step_count = int(state["step_count"])
+            return
+        samples = int(state["samples"])
+        if samples % self.global_batch:
+            raise ValueError(f"the schedule saw {samples} samples (global batch {state.get('global_batch')}), not whole "
+                             f"steps of this run's global batch {self.global_batch}")
+        self.step_count = samples // self.global_batch

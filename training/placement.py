@@ -16,7 +16,8 @@ The rules:
   else the local ranks in proportion to the mask (per-task binding: 1; binding to a socket of two:
   half of them); then capped by the cgroup's CPU quota (a container's `--cpus`) shared by the local
   ranks, and by SLURM_CPUS_PER_TASK.
-- DALI threads: `data.threads`, or the CPU share less the Python workers; torch threads: the share.
+- DALI threads: `data.threads`, or the CPU share less the Python workers; torch threads:
+  `train.torch_threads`, or the share.
 - Backend: nccl on 'gpu', gloo on 'cpu'; host-side agreements (checkpoint requests, metrics) always
   on a gloo group, so that they never synchronise a GPU stream.
 - Precision: `train.precision` resolved for the device (auto = bf16 on GPU, fp32 on CPU).
@@ -131,8 +132,8 @@ class Placement:
 
 
 def place(device: str, *, precision: str = "auto", threads: int | None = None, py_workers: int = 0,
-          dist: DistInfo | None = None, env: Mapping[str, str] | None = None, cpus: HostCpus | None = None,
-          gpus: int | None = None) -> Placement:
+          torch_threads: int | None = None, dist: DistInfo | None = None, env: Mapping[str, str] | None = None,
+          cpus: HostCpus | None = None, gpus: int | None = None) -> Placement:
     """The placement of this process for `device` ('gpu' or 'cpu').
 
     Args:
@@ -140,6 +141,7 @@ def place(device: str, *, precision: str = "auto", threads: int | None = None, p
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
         threads: DALI threads; None = the CPU share less the Python workers.
         py_workers: DALI's Python worker processes.
+        torch_threads: torch's intra-op threads; None = the CPU share.
         dist: the rank facts; default read from `env`.
         env: the environment (default os.environ); cpus, gpus: the host's (default: read here).
 
@@ -169,14 +171,16 @@ def place(device: str, *, precision: str = "auto", threads: int | None = None, p
         raise ConfigError(str(e)) from None
     return Placement(dist=dist, device=device, gpu_index=gpu_index, backend=BACKENDS[device], cpus=share,
                      cpu_rule=rule, dali_threads=threads or max(1, share - py_workers), py_workers=py_workers,
-                     torch_threads=share, precision=prec)
+                     torch_threads=torch_threads or share, precision=prec)
 
 
 def place_run(cfg: Config, dist: DistInfo | None = None, env: Mapping[str, str] | None = None,
               cpus: HostCpus | None = None, gpus: int | None = None) -> Placement:
-    """The placement of a training rank: `train.device`, `train.precision`, `data.threads`, `data.py_workers`."""
+    """The placement of a training rank: `train.device`, `train.precision`, `train.torch_threads`, `data.threads`,
+    `data.py_workers`."""
     return place(cfg.train.device, precision=cfg.train.precision, threads=cfg.data.threads,
-                 py_workers=cfg.data.py_workers, dist=dist, env=env, cpus=cpus, gpus=gpus)
+                 py_workers=cfg.data.py_workers, torch_threads=cfg.train.torch_threads, dist=dist, env=env, cpus=cpus,
+                 gpus=gpus)
 
 
 # ------------------------------------------------------------------------------------ node checks

@@ -7,6 +7,7 @@ that read them (predict, the demo's report, the Slurm commands) all agree on it.
     RUN/curves.png           loss, learning rate and validation accuracy against the step
     RUN/checkpoints/ckpt-<step>.pt and manifest.json: the kept checkpoints and their sha256 (checkpoint_folder)
     RUN/health/<session>/    each rank's heartbeat, and the verdict naming a failed rank (training.health)
+    RUN/shapes.jsonl         append-only, one row per start: step, processes, nodes, virtual ranks (training.engine)
 
 A Slurm job adds its own (job.json, logs/, code/: slurm.job_folder).
 """
@@ -20,6 +21,7 @@ LAST, BEST = "last.pt", "best.pt"
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 CONFIG, GIVEN_CONFIG = "config.yaml", "config.given.yaml"
 HEALTH = "health"
+SHAPES = "shapes.jsonl"
 RUNS = Path("runs")  # where `senet train` puts a run folder unless --out says otherwise
 
 
