@@ -44,7 +44,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, colour_params, draws, warp_geometries
 from pipeline.input_spec import HW_DECODER_LOAD, EvalInput, Runtime, TrainInput
-from pipeline.processes import die_with_parent, start_method
+from pipeline.processes import become_worker_of, start_method
 
 DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
@@ -176,7 +176,7 @@ class TrainSource:
         return (len(self.samplers[0]) - start) // self.batch_size * len(self.samplers) - skip
 
     def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        die_with_parent(self.owner_pid)
+        become_worker_of(self.owner_pid)
         if info.iteration >= self.epoch_batches(info.epoch_idx):
             raise StopIteration
         epoch = self.first_epoch + info.epoch_idx

@@ -8,7 +8,11 @@ they end, and that none outlives its parent (Linux).
   asks it, and spawns when the driver is up.
 - Signals: inside a Slurm job every task receives SIGTERM before a requeue or a time limit, and the
   job must keep running until its checkpoint; workers started inside `worker_signal_policy` ignore it.
-- Ends: a worker arms PR_SET_PDEATHSIG (`die_with_parent`) as it is forked (`workers_die_with_owner`; a
+  A worker ignores SIGINT: Ctrl-C signals the whole foreground process group, and a worker interrupted
+  inside DALI's shared queue dies between a lock's acquire and release (its cleanup then fails with
+  "lock is not owned"), which can leave the owner's close waiting on that lock forever. The owner takes
+  the KeyboardInterrupt and closes its workers.
+- Ends: a worker arms PR_SET_PDEATHSIG (`become_worker_of`) as it is forked (`workers_die_with_owner`; a
   spawned one at its first batch), so it dies with the process that owns it, even one that never ran a
   batch (a val loader's, before the first evaluation) when its owner leaves without closing it;
   `DaliProcesses.close` kills stragglers after a grace period; a launcher that starts ranks becomes a
@@ -102,8 +106,9 @@ def become_subreaper() -> None:
 _ARMED_PID = 0
 
 
-def die_with_parent(owner_pid: int) -> None:
-    """In a worker process: ask Linux to kill it when the owner dies. A no-op in the owner itself."""
+def become_worker_of(owner_pid: int) -> None:
+    """In a worker process: ask Linux to kill it when the owner dies, and leave Ctrl-C to the owner.
+    A no-op in the owner itself."""
     global _ARMED_PID
     pid = os.getpid()
     if pid == owner_pid or pid == _ARMED_PID:
@@ -111,6 +116,8 @@ def die_with_parent(owner_pid: int) -> None:
     _ARMED_PID = pid
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    with contextlib.suppress(ValueError):  # only possible in the main thread (a fork's child runs in it)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != owner_pid:  # the owner died before the signal was armed
         os._exit(1)
 
@@ -123,7 +130,7 @@ def _arm_forked_worker() -> None:
     global _FORK_OWNER
     owner, _FORK_OWNER = _FORK_OWNER, 0  # the worker's own children, if any, are not ours to arm
     if owner:
-        die_with_parent(owner)
+        become_worker_of(owner)
 
 
 os.register_at_fork(after_in_child=_arm_forked_worker)
@@ -145,15 +152,22 @@ def workers_die_with_owner() -> Iterator[None]:
 
 @contextlib.contextmanager
 def worker_signal_policy() -> Iterator[None]:
-    """Workers forked or spawned inside this block inherit SIGTERM ignored when inside a Slurm job."""
-    if "SLURM_JOB_ID" not in os.environ or threading.current_thread() is not threading.main_thread():
+    """Workers forked or spawned inside this block inherit SIGTERM ignored when inside a Slurm job, and
+    spawned ones SIGINT ignored (a forked one ignores it from its first instruction, `become_worker_of`;
+    a spawned one only from its first batch, so it must inherit it: this process ignores Ctrl-C while
+    spawning them)."""
+    ignored = [signal.SIGTERM] if "SLURM_JOB_ID" in os.environ else []
+    if start_method() == "spawn":
+        ignored.append(signal.SIGINT)
+    if not ignored or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SIG_IGN survives fork and exec
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}  # SIG_IGN survives fork and exec
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class DaliProcesses:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,7 +74,16 @@ def gpu_check(*settings: str, cwd: Path = ROOT, env: dict[str, str] | None = Non
 
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that contain `text`."""
-    found = []
+    return list(_cmdlines_mentioning(text).values())
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains `text`."""
+    return list(_cmdlines_mentioning(text))
+
+
+def _cmdlines_mentioning(text: str) -> dict[int, str]:
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
@@ -81,7 +91,7 @@ def processes_mentioning(text: str) -> list[str]:
             except OSError:
                 continue
             if text in cmdline:
-                found.append(cmdline)
+                found[int(entry.name)] = cmdline
     return found
 
 
@@ -192,13 +202,27 @@ def test_gpu_check_runs_every_section_in_a_bare_interpreter_on_the_cpu(tmp_path:
     # The slow-rank test hook makes every bench-train step sleep 5 s, so the run is surely still going at the
     # train section's deadline, however fast the machine.
     slow = {**os.environ, "SENET_TEST_SLOW_RANK": "0:5"}
-    for section, seconds, words in (("train", 12, "the section's time ran out"), ("input", 2, "timed out after 2 s")):
-        late = subprocess.run([*script, f"--sections={section}", f"--timeouts={section}={seconds}"],
-                              capture_output=True, text=True, timeout=120, env=slow)
-        cut = json.loads((out / "result.json").read_text())["sections"][section]
-        assert late.returncode == 1 and cut["status"] == "timeout" and words in cut["error"], cut
-        time.sleep(1)
-        assert not processes_mentioning(str(out)), processes_mentioning(str(out))
+    late = subprocess.run([*script, "--sections=train", "--timeouts=train=12"], capture_output=True, text=True,
+                          timeout=120, env=slow)
+    cut = json.loads((out / "result.json").read_text())["sections"]["train"]
+    assert late.returncode == 1 and cut["status"] == "timeout" and "the section's time ran out" in cut["error"], cut
+    time.sleep(1)
+    assert not processes_mentioning(str(out)), processes_mentioning(str(out))
+
+    # A section that hangs (its process stopped as soon as it exists: the CPU profile's input section can finish
+    # within any short timeout) is killed by the runner at its timeout, with whatever it started.
+    runner = subprocess.Popen([*script, "--sections=input", "--timeouts=input=3"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    section_cmd = f"--out {out} --section input"
+    while runner.poll() is None and not (hung := pids_mentioning(section_cmd)):
+        time.sleep(0.01)
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    runner.communicate(timeout=120)
+    cut = json.loads((out / "result.json").read_text())["sections"]["input"]
+    assert hung and runner.returncode == 1 and cut["status"] == "timeout" and "timed out after 3 s" in cut["error"], cut
+    time.sleep(1)
+    assert not processes_mentioning(str(out)), processes_mentioning(str(out))
 
 
 @pytest.mark.slow
