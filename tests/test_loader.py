@@ -272,8 +272,12 @@ def test_workers_are_spawned_once_dali_reports_the_cuda_driver_initialised(clean
 
 
 _RUNNER = """
+import signal
 import sys
 import time
+# Ctrl-C as a terminal's foreground command gets it: a shell starts a background command (`make test &` in a
+# script) with SIGINT ignored, and Python keeps that, so the runner would never see the interrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pipeline.augment import AugmentSpec
 from pipeline.datasets import index_train
 from pipeline.input_spec import CropSchedule, Runtime, TrainInput
