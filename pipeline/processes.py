@@ -10,7 +10,7 @@ they end, and that none outlives its parent (Linux).
   job must keep running until its checkpoint; workers started inside `worker_signal_policy` ignore it.
   A worker ignores SIGINT: Ctrl-C signals the whole foreground process group, and a worker interrupted
   inside DALI's shared queue dies between a lock's acquire and release (its cleanup then fails with
-  "lock is not owned"), which can leave the owner's close waiting on that lock forever. The owner takes
+  "lock is not owned"), which could leave the owner's close waiting on that lock. The owner takes
   the KeyboardInterrupt and closes its workers.
 - Ends: a worker arms PR_SET_PDEATHSIG (`become_worker_of`) as it is forked (`workers_die_with_owner`; a
   spawned one at its first batch), so it dies with the process that owns it, even one that never ran a

@@ -72,17 +72,8 @@ def gpu_check(*settings: str, cwd: Path = ROOT, env: dict[str, str] | None = Non
                           env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
 
 
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that contain `text`."""
-    return list(_cmdlines_mentioning(text).values())
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text`."""
-    return list(_cmdlines_mentioning(text))
-
-
-def _cmdlines_mentioning(text: str) -> dict[int, str]:
+def processes_mentioning(text: str) -> dict[int, str]:
+    """Live processes whose command line contains `text`: pid -> command line."""
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -213,8 +204,8 @@ def test_gpu_check_runs_every_section_in_a_bare_interpreter_on_the_cpu(tmp_path:
     # within any short timeout) is killed by the runner at its timeout, with whatever it started.
     runner = subprocess.Popen([*script, "--sections=input", "--timeouts=input=3"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    section_cmd = f"--out {out} --section input"
-    while runner.poll() is None and not (hung := pids_mentioning(section_cmd)):
+    section_cmd, hung = f"--out {out} --section input", {}
+    while runner.poll() is None and not (hung := processes_mentioning(section_cmd)):
         time.sleep(0.01)
     for pid in hung:
         os.kill(pid, signal.SIGSTOP)
